@@ -1,0 +1,293 @@
+"""Tests for models.py: shapes, a frozen trunk that stays frozen, cached == uncached,
+padding invariance, region attention, checkpoints, the offline pretrained error.
+
+    python -m pytest tests/test_models.py -q
+"""
+import os
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordPiece
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402
+from models import CheckpointError, ModelConfig, build_model  # noqa: E402
+
+VOCAB = 50
+CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+
+
+def small_config(arch, **overrides):
+    """Real ResNet-18 trunk, small text side and input size so the tests stay fast."""
+    settings = dict(arch=arch, vocab_size=VOCAB, max_len=16, input_size=64, pretrained=False, embed_dim=32,
+                    gru_hidden=64, d_model=64, n_layers=2, n_heads=4, d_ff=128)
+    return ModelConfig(**(settings | overrides))
+
+
+def small_model(arch, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(small_config(arch, **overrides))
+
+
+def batch(size=4, length=10, image_size=75, seed=1):
+    """Right-padded ids with lengths [length, ..., 1], and random uint8 faces."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([max(1, length - 3 * i) for i in range(size)], dtype=torch.int16)
+    ids = torch.randint(1, VOCAB, (size, length), generator=generator, dtype=torch.int32)
+    ids[torch.arange(length) >= lengths.unsqueeze(1)] = 0
+    images = torch.randint(0, 256, (size, image_size, image_size), generator=generator, dtype=torch.uint8)
+    return ids, lengths, images
+
+
+def tokenizer_json(size=VOCAB):
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {f"w{i}": i for i in range(2, size)}
+    return Tokenizer(WordPiece(vocab, unk_token="[UNK]")).to_str()
+
+
+def trunk_parameters(model):
+    return list(model.image_encoder.trunk.parameters())
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_logits_shape_and_parameter_counts(arch):
+    model = small_model(arch)
+    ids, lengths, images = batch()
+    assert model(ids, lengths, images=images).shape == (4, 7)
+    trainable, frozen = models.parameter_counts(model)
+    trunk = sum(p.numel() for p in trunk_parameters(model))
+    assert frozen == trunk == 11_176_512  # torchvision's ResNet-18 minus its fc
+    assert trainable == sum(p.numel() for p in model.parameters()) - trunk > 0
+    line = models.describe(model)
+    assert line.startswith(f"{trainable:,} trainable") and f"{frozen:,} frozen" in line and "\n" not in line
+    finetuned = small_model(arch, finetune=True)
+    assert models.parameter_counts(finetuned) == (trainable + frozen, 0)
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_frozen_trunk_stays_frozen(arch):
+    model = small_model(arch).train()
+    trunk = model.image_encoder.trunk
+    batch_norms = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(batch_norms) == 20 and not any(m.training for m in batch_norms)
+    assert model.head.training  # the rest does train
+    statistics = batch_norms[0].running_mean.clone()
+    ids, lengths, images = batch()
+    model(ids, lengths, images=images).sum().backward()
+    assert all(p.grad is None for p in trunk_parameters(model))
+    assert torch.equal(batch_norms[0].running_mean, statistics)
+    assert model.head[-1].weight.grad is not None and model.head[-1].weight.grad.abs().sum() > 0
+
+    finetuned = small_model(arch, finetune=True).train()
+    assert all(m.training for m in finetuned.image_encoder.trunk.modules())
+    finetuned(ids, lengths, images=images).sum().backward()
+    assert all(p.grad is not None for p in trunk_parameters(finetuned))
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_images_and_cached_features_agree(arch):
+    model = small_model(arch).eval()
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        from_images = model(ids, lengths, images=images)
+        features = model.image_features(images)
+        from_features = model(ids, lengths, image_features=features)
+        from_half = model(ids, lengths, image_features={k: v.half() for k, v in features.items()})
+    assert torch.allclose(from_images, from_features, atol=1e-5)
+    assert from_half.dtype == torch.float32 and torch.allclose(from_half, from_features, atol=1e-2)
+    assert set(features) == ({"pooled"} if arch == "a" else {"pooled", "regions"})
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, lengths)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, lengths, images=images, image_features=features)
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_padding_never_changes_logits_and_the_text_is_read(arch):
+    model = small_model(arch).eval()
+    ids, lengths, images = batch()
+    padded = torch.cat([ids, torch.zeros(4, 6, dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        features = model.image_features(images)
+        logits = model(ids, lengths, image_features=features)
+        assert torch.allclose(model(padded, lengths, image_features=features), logits, atol=1e-5)
+        # Texts moved to other images: the prediction depends on the text.
+        moved = model(ids.roll(1, 0), lengths.roll(1, 0), image_features=features)
+        assert (moved - logits).abs().max() > 1e-3
+        # The same tokens in reverse order: word order is read too.
+        reversed_ids = ids.clone()
+        reversed_ids[0] = ids[0].flip(0)  # row 0 is full length
+        assert (model(reversed_ids, lengths, image_features=features)[0] - logits[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_empty_text_gives_a_zero_text_vector(arch):
+    model = small_model(arch).eval()
+    ids, lengths, images = batch()
+    empty = torch.zeros(4, dtype=torch.int16)
+    with torch.no_grad():
+        features = model.image_features(images)
+        text = model.text_vector(torch.zeros_like(ids), empty, features)
+        assert torch.equal(text, torch.zeros_like(text))
+        all_pad = model(torch.zeros_like(ids), empty, image_features=features)
+        no_tokens = model(ids[:, :0], empty, image_features=features)  # a batch trimmed to length 0
+    assert torch.isfinite(all_pad).all() and torch.allclose(all_pad, no_tokens, atol=1e-5)
+    # One empty row inside a normal batch: its neighbours are unchanged...
+    mixed_ids, mixed_lengths = ids.clone(), lengths.clone()
+    mixed_ids[1], mixed_lengths[1] = 0, 0
+    with torch.no_grad():
+        mixed = model(mixed_ids, mixed_lengths, image_features=features)
+        normal = model(ids, lengths, image_features=features)
+    assert torch.allclose(mixed[[0, 2, 3]], normal[[0, 2, 3]], atol=1e-5)
+    # ...and training on it (no inference fast paths, dropout on) gives finite gradients.
+    model.train()
+    model(mixed_ids, mixed_lengths, image_features=features).sum().backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+
+
+def test_model_b_sees_49_regions_at_224():
+    model = small_model("b", input_size=224).eval()
+    _, _, images = batch(size=2)
+    with torch.no_grad():
+        features = model.image_features(images)
+    assert features["regions"].shape == (2, 49, 512) and features["pooled"].shape == (2, 512)
+    assert torch.allclose(features["regions"].mean(1), features["pooled"], atol=1e-5)
+    assert model.region_position.weight.shape == (49, 64)
+    assert "regions" not in small_model("b", cross_attention=False).image_features(images)
+
+
+def test_cross_attention_weights_vary_over_regions():
+    model = small_model("b").eval()
+    # Crafted input: identical region tokens except one. Over a single key (the reference's
+    # pooled vector) softmax is 1 whatever the input; over a grid the odd region stands out.
+    regions = torch.zeros(2, 49, 64)
+    regions[:, 10] = 3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, weights = model.cross_attention(text, regions, need_weights=True)
+    assert out.shape == (2, 5, 64) and weights.shape == (2, 5, 49)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert (weights[..., 10] - weights[..., 0]).abs().min() > 1e-3  # the odd region is weighted differently
+    assert torch.allclose(weights[..., 0], weights[..., 48], atol=1e-6)  # identical regions alike
+
+
+def save(path, model, **overrides):
+    fields = dict(tokenizer_json=tokenizer_json(), classes=CLASSES, image_size=75, metrics={"val_macro_f1": 0.5},
+                  args={"lr": 1e-4, "model": "b"}, train_state={"epoch": 3, "rng": torch.get_rng_state()})
+    models.save_checkpoint(path, model, **(fields | overrides))
+
+
+def test_checkpoint_round_trip_from_another_directory(tmp_path, monkeypatch):
+    model = small_model("b").eval()
+    path = tmp_path / "run" / "best.pt"
+    save(path, model)
+    assert os.listdir(path.parent) == ["best.pt"]  # no temporary file left behind
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"]["arch"] == "b" and raw["image_size"] == 75
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded, tokenizer, info = models.load_checkpoint(path)
+    assert not loaded.training and loaded.cfg == model.cfg
+    assert info["classes"] == CLASSES and info["metrics"] == {"val_macro_f1": 0.5}
+    assert info["train_state"]["epoch"] == 3 and info["args"]["lr"] == 1e-4 and "torch" in info["versions"]
+    assert tokenizer.get_vocab_size() == VOCAB and tokenizer.token_to_id("w7") == 7
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, lengths, images=images), model(ids, lengths, images=images))
+    assert models.feature_fingerprint(loaded) == models.feature_fingerprint(model)
+
+
+def test_unstorable_value_fails_at_save_and_keeps_the_old_file(tmp_path):
+    model = small_model("a")
+    path = tmp_path / "last.pt"
+    save(path, model)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"checkpoint\['args'\]\['out'\] is a PosixPath"):
+        save(path, model, args={"out": Path("runs")})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+class Foreign:
+    pass
+
+
+def broken_variants(path, model):
+    """(name, writer, expected message) for each way a checkpoint can be unusable."""
+    def rewrite(change):
+        def write(target):
+            save(target, model)
+            checkpoint = torch.load(target, weights_only=True)
+            change(checkpoint)
+            torch.save(checkpoint, target)
+        return write
+    return [
+        ("missing", lambda target: None, "no such checkpoint file"),
+        ("text", lambda target: target.write_text("hello"), "not a readable PyTorch checkpoint"),
+        ("pickled object", lambda target: torch.save({"x": Foreign()}, target), "pickled Python objects"),
+        ("foreign", lambda target: torch.save({"state_dict": {}}, target), "not a checkpoint of this project"),
+        ("version", rewrite(lambda c: c.update(version=99)), "checkpoint version 99"),
+        ("config", rewrite(lambda c: c["config"].update(arch="z")), "broken checkpoint.*unknown arch"),
+        ("unknown field", rewrite(lambda c: c["config"].update(colour=1)), "broken checkpoint.*colour"),
+        ("weights", rewrite(lambda c: c["model"].pop("head.1.weight")), "broken checkpoint.*head.1.weight"),
+        ("tokenizer", rewrite(lambda c: c.update(tokenizer=tokenizer_json(40))), "tokenizer has 40 tokens"),
+        ("classes", rewrite(lambda c: c.update(classes=CLASSES[:5])), "5 class names for a 7-class model"),
+    ]
+
+
+def test_bad_checkpoints_get_one_clear_line(tmp_path):
+    model = small_model("b")
+    for name, write, message in broken_variants(tmp_path, model):
+        target = tmp_path / f"{name.replace(' ', '_')}.pt"
+        write(target)
+        with pytest.raises(CheckpointError, match=message) as caught:
+            models.load_checkpoint(target)
+        assert "\n" not in str(caught.value) and str(target) in str(caught.value), name
+
+
+def test_check_compatible_refuses_other_classes_and_tokenizers(tmp_path):
+    save(tmp_path / "best.pt", small_model("a"))
+    _, _, info = models.load_checkpoint(tmp_path / "best.pt")
+    same = Tokenizer.from_str(tokenizer_json())
+    models.check_compatible(info, same, {"classes": CLASSES})
+    five = ["Angry", "Fear", "Happy", "Sad", "Surprise"]
+    with pytest.raises(CheckpointError, match="classes"):
+        models.check_compatible(info, same, {"classes": five})
+    other_vocab = {"[PAD]": 0, "[UNK]": 1} | {f"v{i}": i for i in range(2, VOCAB)}
+    other = Tokenizer(WordPiece(other_vocab, unk_token="[UNK]"))
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        models.check_compatible(info, other, {"classes": CLASSES})
+
+
+def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    # The real download function, made to fail like a machine without network does.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    start = time.perf_counter()
+    with pytest.raises(models.PretrainedWeightsError) as caught:
+        build_model(small_config("a", pretrained=True))
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "resnet18-f37072fd.pth" in message and "--no-pretrained" in message and "\n" not in message
+    assert f"{tmp_path / 'hub' / 'checkpoints'}/" in message
+
+
+def test_feature_fingerprint_tracks_trunk_and_preprocessing():
+    fingerprint = models.feature_fingerprint
+    model = small_model("b")
+    assert fingerprint(model) == fingerprint(small_model("b", n_layers=1))  # text side is irrelevant
+    assert fingerprint(model) != fingerprint(small_model("b", input_size=96))
+    assert fingerprint(model) != fingerprint(small_model("a"))  # pooled only vs pooled + regions
+    assert fingerprint(model) != fingerprint(small_model("b", seed=1))
+    with torch.no_grad():
+        model.image_encoder.trunk[0].weight[0, 0, 0, 0] += 1e-3
+    assert fingerprint(model) != fingerprint(small_model("b"))
