@@ -59,7 +59,7 @@ def read_image(path, size):
         raise DataError(f"{path} is not an image Pillow can read ({err})") from None
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
 
 
 def encode_texts(tokenizer, texts, max_len):
@@ -226,7 +226,7 @@ def cached_features(model, images, cache_dir, device, *, flips, batch_size=256, 
     model.eval()
     steps = [(v, i) for v in range(len(variants)) for i in range(0, len(images), batch_size)]
     with torch.inference_mode(), mixed_precision, tqdm(steps, desc="caching features", unit="batch",
-                                                disable=not progress, leave=False) as bar:
+                                                disable=None if progress else True, leave=False) as bar:
         for v, i in bar:
             batch = variants[v][i:i + batch_size].to(device, non_blocking=True)
             for key, value in model.image_features(batch).items():

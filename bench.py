@@ -1,0 +1,141 @@
+"""Measure the speed that matters on this device, at the reference configuration.
+
+    python bench.py            # a table
+    python bench.py --json     # the table, then one JSON object with every figure
+
+(a) trunk feature extraction, images/s; (b) one Model B training epoch on cached
+features and one through the frozen trunk, same data, and their ratio cache_speedup;
+(c) demo: one prediction after the checkpoint is loaded, and the whole demo process.
+Inputs are random tensors of the real shapes (75x75 faces, tweets of up to 32 tokens):
+speed does not depend on what the pixels show, and the bench needs no data set.
+The trunk is random (no download): the same FLOPs as the pretrained one.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data import Batches, autocast, cached_features, encode_texts, pick_device
+from demo import predict
+from models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from train import train_epoch
+
+
+def fake_split(n, image_size, max_len, vocab_size, classes, seed):
+    """n random pairs with the shapes of the real data."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, max_len + 1, (n,), generator=g)
+    input_ids = torch.randint(2, vocab_size, (n, max_len), generator=g)
+    input_ids[torch.arange(max_len)[None] >= lengths[:, None]] = 0  # right padding
+    return {"images": torch.randint(0, 256, (n, image_size, image_size), dtype=torch.uint8, generator=g),
+            "labels": torch.randint(0, classes, (n,), generator=g),
+            "input_ids": input_ids.int(), "lengths": lengths.short()}
+
+
+def tiny_tokenizer(vocab_size):
+    """A real WordPiece tokenizer, so the demo's text path is the one it runs in use."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = [f"word{i}" for i in range(vocab_size)]
+    tokenizer.train_from_iterator([" ".join(words[i:i + 10]) for i in range(0, len(words), 10)],
+                                  trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                            special_tokens=["[PAD]", "[UNK]"]))
+    return tokenizer
+
+
+def time_epoch(model, batches, device, mixed_precision):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for group in optimizer.param_groups:
+        group["base_lr"] = 1e-4
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_epoch(model, batches, optimizer, scaler, mixed_precision, step=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench(args):
+    device = pick_device(args.device)
+    mixed_precision, amp_dtype = autocast(device, args.amp)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="b", vocab_size=5000, pretrained=False)  # 224 input, 3 layers, 4 heads
+    model = build_model(cfg).to(device)
+    split = fake_split(args.samples, 75, 32, cfg.vocab_size, cfg.num_classes, seed=0)
+    figures = {"device": str(device), "dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+               "batch_size": args.batch_size, "samples": args.samples,
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # (a) + cache: every image and its mirror through the trunk, as train.py does
+        t0 = time.perf_counter()
+        features, _ = cached_features(model, split["images"], tmp, device, flips=True,
+                                      batch_size=args.batch_size, progress=False)
+        seconds = time.perf_counter() - t0
+        figures["feature_images_per_s"] = 2 * args.samples / seconds
+        figures["cache_build_s"] = seconds
+
+        # (b) the same epoch (same data, flips, batch size) from the cache and from images
+        cached = Batches(split, args.batch_size, device, features=features, shuffle=True, flip=True)
+        uncached = Batches(split, args.batch_size, device, shuffle=True, flip=True)
+        time_epoch(model, Batches({k: v[:args.batch_size] for k, v in split.items()},
+                                  args.batch_size, device), device, mixed_precision)  # warm-up
+        figures["epoch_cached_s"] = time_epoch(model, cached, device, mixed_precision)
+        figures["epoch_uncached_s"] = time_epoch(model, uncached, device, mixed_precision)
+        figures["cache_speedup"] = figures["epoch_uncached_s"] / figures["epoch_cached_s"]
+        figures["train_samples_per_s_cached"] = args.samples / figures["epoch_cached_s"]
+
+        # (c) the demo: a saved checkpoint, loaded back, one image + one sentence
+        tokenizer = tiny_tokenizer(cfg.vocab_size)
+        path = Path(tmp) / "bench.pt"
+        save_checkpoint(path, model, tokenizer_json=tokenizer.to_str(),
+                        classes=[f"class{i}" for i in range(cfg.num_classes)], image_size=75,
+                        metrics={})
+        loaded, tokenizer, _ = load_checkpoint(path, device)
+        image, text = split["images"][:1], ["word1 word2 word3 word4 word5 word6 word7"]
+        latencies = []
+        for _ in range(args.repeats + 3):
+            t0 = time.perf_counter()
+            predict(loaded, image, *encode_texts(tokenizer, text, cfg.max_len), device)
+            latencies.append(time.perf_counter() - t0)
+        figures["demo_latency_ms"] = 1000 * statistics.median(latencies[3:])  # after warm-up
+        from PIL import Image
+        Image.fromarray(split["images"][0].numpy()).save(Path(tmp) / "face.png")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "demo.py", "--image", str(Path(tmp) / "face.png"),
+                        "--text", text[0], "--checkpoint", str(path), "--device", str(device)],
+                       check=True, capture_output=True, cwd=Path(__file__).parent)
+        figures["demo_process_s"] = time.perf_counter() - t0
+    return figures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=512, help="training pairs in the timed epochs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30, help="demo predictions to take the median of")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="as train.py: auto is bf16 on CUDA, off on CPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    figures = bench(args)
+    for key, value in figures.items():
+        print(f"{key:28s} {value:.3f}" if isinstance(value, float) else f"{key:28s} {value}")
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
