@@ -46,7 +46,7 @@ def tiny_tokenizer(vocab_size):
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words = [f"word{i}" for i in range(vocab_size)]
     tokenizer.train_from_iterator([" ".join(words[i:i + 10]) for i in range(0, len(words), 10)],
-                                  trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                  trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
                                                             special_tokens=["[PAD]", "[UNK]"]))
     return tokenizer
 

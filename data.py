@@ -101,11 +101,10 @@ def load_tokenizer(processed_dir):
 
 def load_split(processed_dir, split):
     """All shards of one split concatenated: images uint8 [N,S,S], labels int64 [N],
-    input_ids int32 [N,L], lengths int16 [N]."""
-    paths = sorted(Path(processed_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].pt"))
-    if not paths:
-        raise DataError(f"no {split} shards in {processed_dir}: run `python prepare_data.py` first")
-    shards = [_load(path) for path in paths]
+    input_ids int32 [N,L], lengths int16 [N]. meta.json names the shards: it is written
+    last, so a half-written data set is never read."""
+    names = load_meta(processed_dir)["shards"][split]
+    shards = [_load(Path(processed_dir) / name) for name in names]
     keys = ("images", "labels", "input_ids", "lengths")
     return {key: torch.cat([shard[key] for shard in shards]) for key in keys}
 

@@ -1,0 +1,448 @@
+"""Raw data -> data/processed: image shards, token ids, tokenizer, fixed pairs, meta.json.
+
+    python prepare_data.py                                    # download from Kaggle
+    python prepare_data.py --source synthetic                 # offline, seeded, ~20 s
+    python prepare_data.py --image-dir ~/raf-db --text-csv ~/emotions.csv
+
+Six steps, each announced with its counts and skipped when its inputs are unchanged
+(`--force` redoes them): 1 raw data, 2 images, 3 texts, 4 tokenizer, 5 pairing,
+6 shards + meta.json. A step's output is written under a temporary name and renamed,
+and its key (a hash of everything it depends on) is written after it, so a run killed
+half way leaves nothing a later run takes for finished work. meta.json comes last.
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, encode_texts, read_image
+import synthetic
+
+KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
+KAGGLE_TEXTS = "bhavikjikadara/emotions-dataset"
+CREDENTIALS_HELP = ("no Kaggle credentials: put kaggle.json in ~/.kaggle/kaggle.json, or set "
+                    "KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN (Kaggle -> Settings -> API); "
+                    "or use --image-dir/--text-csv, or --source synthetic")
+FOLDER_NAMES = {"angry": "Angry", "anger": "Angry", "disgust": "Disgust", "fear": "Fear",
+                "happy": "Happy", "happiness": "Happy", "neutral": "Neutral", "sad": "Sad",
+                "sadness": "Sad", "surprise": "Surprise", "surprised": "Surprise"}
+RAFDB_IDS = {"1": "Surprise", "2": "Fear", "3": "Disgust", "4": "Happy", "5": "Sad",
+             "6": "Angry", "7": "Neutral"}  # plain RAF-DB's numeric class folders
+TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # ids 0..5 in the CSVs
+TEXT_TO_CLASS = {"sadness": "Sad", "joy": "Happy", "love": "Happy", "anger": "Angry",
+                 "fear": "Fear", "surprise": "Surprise"}
+UNPAIRED = [c for c in CLASSES if c not in TEXT_TO_CLASS.values()]  # Disgust, Neutral
+SHARD_SIZE = 10000
+
+
+def say(message):
+    print(message, flush=True)
+
+
+def digest(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_atomic(obj, path):
+    tmp = Path(f"{path}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_atomic(text, path):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def step(number, name, work, key, force, build):
+    """Run step `number` unless its output under `work` was finished with the same key."""
+    output, marker = work / f"step{number}-{name}.pt", work / f"step{number}-{name}.key"
+    if not force and output.exists() and marker.exists() and marker.read_text() == key:
+        say(f"[{number}/6] {name}: done already, skipped (--force redoes it)")
+        return torch.load(output, weights_only=True)
+    marker.unlink(missing_ok=True)  # from here on, the old output is not finished work
+    say(f"[{number}/6] {name} ...")
+    result = build()
+    save_atomic(result, output)
+    write_atomic(key, marker)
+    return result
+
+
+# ---- step 1: raw data --------------------------------------------------------------
+
+def kaggle_api():
+    """The official client, authenticated. Imported here, not at the top: `import kaggle`
+    authenticates at import time and prints its own help when that fails."""
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            import kaggle
+            kaggle.api.authenticate()
+    except (Exception, SystemExit):
+        raise DataError(CREDENTIALS_HELP) from None
+    return kaggle.api
+
+
+def kaggle_download(slug, raw_dir):
+    """Download and unzip one data set into raw_dir/<name>/, once. The package deletes its
+    zip after unzipping, so our own marker says the download finished."""
+    dest = Path(raw_dir) / slug.split("/")[1]
+    marker = dest / ".download-complete"
+    if marker.exists():
+        say(f"      {slug}: downloaded already ({dest})")
+        return dest
+    api = kaggle_api()
+    tmp = Path(f"{dest}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a download killed half way is started over
+    tmp.mkdir(parents=True)
+    say(f"      downloading {slug} ...")
+    try:
+        api.dataset_download_files(slug, path=str(tmp), unzip=True, quiet=False)
+    except Exception as err:
+        raise DataError(f"download of {slug} failed ({type(err).__name__}: {err}); "
+                        "check the network and your Kaggle credentials") from None
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    marker.write_text(slug + "\n")
+    return dest
+
+
+def synthetic_raw(raw_dir, seed, images_per_class, texts):
+    """Generate the synthetic raw layout once per (seed, sizes)."""
+    key = digest("synthetic", seed, images_per_class, texts)
+    dest = Path(raw_dir) / "synthetic"
+    marker = dest / ".generated"
+    if marker.exists() and marker.read_text() == key:
+        say(f"      synthetic raw data generated already ({dest})")
+    else:
+        tmp = Path(f"{dest}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        say(f"      generating {sum(images_per_class) * 7} faces and {texts} sentences ...")
+        synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        marker.write_text(key)
+    return dest / "images", dest / "texts.csv"
+
+
+def locate(args):
+    """Step 1: where the raw image tree and text file are (downloading or generating them)."""
+    say("[1/6] raw data ...")
+    if args.source == "synthetic" and not (args.image_dir or args.text_csv):
+        image_dir, text_csv = synthetic_raw(args.raw_dir, args.seed, args.synthetic_images,
+                                            args.synthetic_texts)
+        return image_dir, text_csv, {"kind": "synthetic", "seed": args.seed,
+                                     "images_per_class": args.synthetic_images,
+                                     "texts": args.synthetic_texts}
+    image_dir = Path(args.image_dir) if args.image_dir else kaggle_download(KAGGLE_IMAGES, args.raw_dir)
+    text_csv = Path(args.text_csv) if args.text_csv else kaggle_download(KAGGLE_TEXTS, args.raw_dir)
+    if text_csv.is_dir():
+        found = sorted(text_csv.rglob("*.csv"))
+        if not found:
+            raise DataError(f"no .csv file in {text_csv}")
+        text_csv = found[0]
+    for path in (image_dir, text_csv):
+        if not path.exists():
+            raise DataError(f"{path} does not exist")
+    return image_dir, text_csv, {
+        "kind": "local" if args.image_dir or args.text_csv else "kaggle",
+        "images": str(args.image_dir) if args.image_dir else KAGGLE_IMAGES,
+        "texts": str(args.text_csv) if args.text_csv else KAGGLE_TEXTS}
+
+
+# ---- step 2: images ----------------------------------------------------------------
+
+def find_image_root(image_dir):
+    """The folder that holds the split folders (downloads often nest it one or two deep)."""
+    for depth in range(4):
+        for folder in sorted([Path(image_dir)] if depth == 0 else Path(image_dir).glob("*/" * depth)):
+            names = {p.name.lower() for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+            if {"train", "test"} <= names:
+                return folder
+    raise DataError(f"no train/ and test/ folders found in {image_dir}: expected "
+                    "split/class/*.png (train, val, test) or RAF-DB's DATASET/{train,test}/{1..7}")
+
+
+def class_of(folder):
+    name = folder.lower()
+    if name in FOLDER_NAMES or name in RAFDB_IDS:
+        return FOLDER_NAMES.get(name) or RAFDB_IDS[name]
+    known = ", ".join(sorted(FOLDER_NAMES)) + "; RAF-DB ids " + ", ".join(
+        f"{k}={v}" for k, v in RAFDB_IDS.items())
+    raise DataError(f"unknown class folder {folder!r}: known names (any case) are {known}")
+
+
+def list_images(root):
+    """{split: [(path, class), ...]} sorted, for the splits found (val may be missing)."""
+    listing = {}
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = split_dir.name.lower()
+        if split not in SPLITS:
+            continue
+        listing[split] = [(path, class_of(class_dir.name))
+                          for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir())
+                          for path in sorted(class_dir.iterdir()) if path.is_file()]
+    return listing
+
+
+def read_images(listing, size, seed):
+    """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
+    train, stratified and seeded (plain RAF-DB has only train and test)."""
+    result, skipped = {}, []
+    for split, files in listing.items():
+        images, labels = [], []
+        for path, name in files:
+            try:
+                images.append(read_image(path, size))
+                labels.append(CLASSES.index(name))
+            except DataError:
+                skipped.append(str(path))
+        result[split] = {"images": torch.from_numpy(np.stack(images)) if images
+                         else torch.zeros(0, size, size, dtype=torch.uint8),
+                         "labels": torch.tensor(labels, dtype=torch.int64)}
+    if "val" not in result:
+        train = result["train"]
+        keep, val = train_test_split(np.arange(len(train["labels"])), test_size=0.15,
+                                     stratify=train["labels"].numpy(), random_state=seed)
+        keep, val = np.sort(keep), np.sort(val)
+        result["val"] = {k: v[val] for k, v in train.items()}
+        result["train"] = {k: v[keep] for k, v in train.items()}
+    for split in SPLITS:
+        if len(result[split]["labels"]) == 0:
+            raise DataError(f"no readable images in the {split} split of the image folder")
+    result["skipped"] = skipped
+    return result
+
+
+# ---- step 3: texts -----------------------------------------------------------------
+
+def read_texts(path):
+    """(texts, label names) from `text,label` CSV (with or without a leading index column)
+    or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        first = f.readline()
+        f.seek(0)
+        if ";" in first and "," not in first.split(";")[-1]:  # dair-ai: text;label, no header
+            rows = [line.rstrip("\r\n").rsplit(";", 1) for line in f if line.strip()]
+            rows = [(r[0], r[1]) for r in rows if len(r) == 2]
+        else:
+            reader = csv.DictReader(f)
+            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+            if "text" not in columns or "label" not in columns:
+                raise DataError(f"{path} has columns {reader.fieldnames}: expected 'text' and "
+                                "'label' (or dair-ai 'text;label' lines)")
+            rows = [(r[columns["text"]] or "", r[columns["label"]] or "") for r in reader]
+    texts, labels = [], []
+    for text, label in rows:
+        label = label.strip().lower()
+        name = TEXT_LABELS[int(label)] if label.isdigit() and int(label) < len(TEXT_LABELS) else label
+        if name not in TEXT_TO_CLASS:
+            mapping = ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(TEXT_LABELS))
+            raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
+        texts.append(text)
+        labels.append(name)
+    return texts, labels
+
+
+def split_texts(path, seed):
+    """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is
+    in two splits), then split 70/15/15 stratified by label."""
+    texts, labels = read_texts(path)
+    seen, clean, clean_labels = set(), [], []
+    for text, label in zip(texts, labels):
+        text = " ".join(text.split())
+        if text and text not in seen:
+            seen.add(text)
+            clean.append(text)
+            clean_labels.append(label)
+    index = np.arange(len(clean))
+    train, rest = train_test_split(index, test_size=0.3, stratify=clean_labels, random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=[clean_labels[i] for i in rest],
+                                 random_state=seed)
+    result = {split: {"texts": [clean[i] for i in sorted(rows)],
+                      "labels": [clean_labels[i] for i in sorted(rows)]}
+              for split, rows in zip(SPLITS, (train, val, test))}
+    result["dropped"] = len(texts) - len(clean)
+    return result
+
+
+# ---- step 4: tokenizer -------------------------------------------------------------
+
+def train_tokenizer(train_texts, vocab_size):
+    """WordPiece, lowercase, trained on the train texts only: val and test words it never
+    saw become [UNK] or word pieces, as they would for a new user's sentence."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]"],
+                                       show_progress=False)
+    tokenizer.train_from_iterator(train_texts, trainer)  # [PAD] = 0: the models' padding_idx
+    return {"json": tokenizer.to_str()}
+
+
+# ---- step 5: pairing ---------------------------------------------------------------
+
+def pair_texts(image_labels, text_classes, classes, unpaired, rng):
+    """For each image, the index of a text of the same split and class: each class's texts
+    in a seeded order, used evenly (every text once before any twice). Images of classes
+    without texts (Disgust, Neutral) get any text under 'random'."""
+    text_classes = np.asarray(text_classes)
+    choice = np.full(len(image_labels), -1, dtype=np.int64)
+    for index, name in enumerate(classes):
+        rows = np.flatnonzero(image_labels == index)
+        if len(rows) == 0:
+            continue
+        pool = (np.arange(len(text_classes)) if name in UNPAIRED and unpaired == "random"
+                else np.flatnonzero(text_classes == name))
+        if len(pool) == 0:
+            raise DataError(f"no texts of class {name} in this split: too few texts")
+        rounds = -(-len(rows) // len(pool))
+        order = np.concatenate([rng.permutation(pool) for _ in range(rounds)])
+        choice[rows] = order[:len(rows)]
+    return choice
+
+
+def pair_all(images, texts, unpaired, seed):
+    classes = [c for c in CLASSES if not (unpaired == "drop" and c in UNPAIRED)]
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for split in SPLITS:
+        names = np.array(CLASSES)[images[split]["labels"].numpy()]
+        keep = np.flatnonzero(np.isin(names, classes))  # 'drop' removes Disgust and Neutral
+        labels = np.array([classes.index(n) for n in names[keep]], dtype=np.int64)
+        text_classes = [TEXT_TO_CLASS[label] for label in texts[split]["labels"]]
+        pairs[split] = {"image_rows": torch.from_numpy(keep), "labels": torch.from_numpy(labels),
+                        "text_rows": torch.from_numpy(pair_texts(labels, text_classes, classes,
+                                                                 unpaired, rng))}
+    return {"classes": classes, "pairs": pairs}
+
+
+# ---- step 6: shards and meta.json --------------------------------------------------
+
+def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    classes = paired["classes"]
+    (out / "meta.json").unlink(missing_ok=True)  # the finished-data marker goes first ...
+    for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9].pt"):
+        old.unlink()
+    shards, counts = {}, {}
+    for split in SPLITS:
+        pairs = paired["pairs"][split]
+        input_ids, lengths = encode_texts(tokenizer, texts[split]["texts"], args.max_len)
+        rows, text_rows = pairs["image_rows"], pairs["text_rows"]
+        shards[split] = []
+        for number, start in enumerate(range(0, len(rows), SHARD_SIZE)):
+            part = slice(start, start + SHARD_SIZE)
+            name = f"{split}-{number:05d}.pt"
+            save_atomic({"version": FORMAT_VERSION, "images": images[split]["images"][rows[part]],
+                         "labels": pairs["labels"][part], "input_ids": input_ids[text_rows[part]],
+                         "lengths": lengths[text_rows[part]]}, out / name)
+            shards[split].append(name)
+        counts[split] = {c: int((pairs["labels"] == i).sum()) for i, c in enumerate(classes)}
+        say(f"      {split}: {len(rows)} pairs in {len(shards[split])} shard(s)")
+    input_ids, lengths = encode_texts(tokenizer, texts["train"]["texts"], args.max_len)
+    pool_labels = [classes.index(TEXT_TO_CLASS[n]) for n in texts["train"]["labels"]]
+    save_atomic({"version": FORMAT_VERSION, "input_ids": input_ids, "lengths": lengths,
+                 "labels": torch.tensor(pool_labels, dtype=torch.int64)}, out / "texts-train.pt")
+    write_atomic(tokenizer_json, out / "tokenizer.json")
+    import PIL
+    import sklearn
+    import tokenizers
+    meta = {"version": FORMAT_VERSION, "key": key, "classes": classes, "shards": shards,
+            "image_size": args.image_size, "max_len": args.max_len,
+            "vocab_size": tokenizer.get_vocab_size(), "seed": args.seed, "unpaired": args.unpaired,
+            "sources": sources, "counts": counts,
+            "text_counts": {s: len(texts[s]["texts"]) for s in SPLITS},
+            "texts_dropped": texts["dropped"], "truncated_texts": int((lengths >= args.max_len).sum()),
+            "skipped_files": images["skipped"],
+            "text_to_class": TEXT_TO_CLASS,
+            "versions": {"torch": torch.__version__.split("+")[0], "numpy": np.__version__,
+                         "pillow": PIL.__version__, "tokenizers": tokenizers.__version__,
+                         "scikit-learn": sklearn.__version__}}
+    write_atomic(json.dumps(meta, indent=2) + "\n", out / "meta.json")  # ... and comes back last
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", choices=["kaggle", "synthetic"], default="kaggle")
+    p.add_argument("--image-dir", help="a local image tree instead of the download")
+    p.add_argument("--text-csv", help="a local text file instead of the download")
+    p.add_argument("--raw-dir", default="data/raw")
+    p.add_argument("--out", default="data/processed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=75)
+    p.add_argument("--vocab-size", type=int, default=5000)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--unpaired", choices=["random", "drop"], default="random",
+                   help="Disgust/Neutral (no texts): random texts, or drop the classes")
+    p.add_argument("--synthetic-images", default="300,50,50",
+                   help="synthetic faces per class in train,val,test (real size: 4286,1072,600)")
+    p.add_argument("--synthetic-texts", type=int, default=6000, help="(real size: 417000)")
+    p.add_argument("--force", action="store_true", help="redo every step")
+    args = p.parse_args(argv)
+    args.synthetic_images = tuple(int(n) for n in args.synthetic_images.split(","))
+    return args
+
+
+def prepare(args):
+    out, work = Path(args.out), Path(args.out) / ".steps"
+    work.mkdir(parents=True, exist_ok=True)
+    image_dir, text_csv, sources = locate(args)
+    image_root = find_image_root(image_dir)
+    listing = list_images(image_root)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for f in listing.values() for p, _ in f]
+    image_key = digest(str(image_root), files, args.image_size, args.seed)
+    images = step(2, "images", work, image_key, args.force,
+                  lambda: read_images(listing, args.image_size, args.seed))
+    sizes = ", ".join(f"{split} {len(images[split]['labels'])}" for split in SPLITS)
+    say(f"      {sizes} images ({image_root}); {len(images['skipped'])} unreadable files skipped")
+    for path in images["skipped"][:10]:
+        say(f"      warning: skipped unreadable {path}")
+    text_stat = Path(text_csv).stat()
+    text_key = digest(str(text_csv), text_stat.st_size, text_stat.st_mtime_ns, args.seed)
+    texts = step(3, "texts", work, text_key, args.force, lambda: split_texts(text_csv, args.seed))
+    sizes = ", ".join(f"{split} {len(texts[split]['texts'])}" for split in SPLITS)
+    say(f"      {sizes} texts; {texts['dropped']} empty or duplicate rows dropped")
+    tokenizer_key = digest(text_key, args.vocab_size)
+    tokenizer = step(4, "tokenizer", work, tokenizer_key, args.force,
+                     lambda: train_tokenizer(texts["train"]["texts"], args.vocab_size))
+    pair_key = digest(image_key, text_key, args.unpaired, args.seed)
+    paired = step(5, "pairing", work, pair_key, args.force,
+                  lambda: pair_all(images, texts, args.unpaired, args.seed))
+    say(f"      {len(paired['classes'])} classes, unpaired policy {args.unpaired!r}")
+    key = digest(tokenizer_key, pair_key, args.max_len, sources)
+    meta_path = out / "meta.json"
+    if not args.force and meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+        say(f"[6/6] shards: done already, skipped: {out} is up to date")
+        return 0
+    say("[6/6] shards ...")
+    write_outputs(out, images, texts, tokenizer["json"], paired, args, sources, key)
+    say(f"done: {out}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return prepare(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
