@@ -110,6 +110,7 @@ def kaggle_download(slug, raw_dir):
     try:
         api.dataset_download_files(slug, path=str(tmp), unzip=True, quiet=False)
     except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"download of {slug} failed ({type(err).__name__}: {err}); "
                         "check the network and your Kaggle credentials") from None
     shutil.rmtree(dest, ignore_errors=True)
@@ -145,6 +146,9 @@ def locate(args):
         return image_dir, text_csv, {"kind": "synthetic", "seed": args.seed,
                                      "images_per_class": args.synthetic_images,
                                      "texts": args.synthetic_texts}
+    if args.image_dir or args.text_csv:
+        say(f"      local copies: {args.image_dir or 'images from Kaggle'}, "
+            f"{args.text_csv or 'texts from Kaggle'}")
     image_dir = Path(args.image_dir) if args.image_dir else kaggle_download(KAGGLE_IMAGES, args.raw_dir)
     text_csv = Path(args.text_csv) if args.text_csv else kaggle_download(KAGGLE_TEXTS, args.raw_dir)
     if text_csv.is_dir():
@@ -190,9 +194,10 @@ def list_images(root):
         split = split_dir.name.lower()
         if split not in SPLITS:
             continue
-        listing[split] = [(path, class_of(class_dir.name))
-                          for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir())
-                          for path in sorted(class_dir.iterdir()) if path.is_file()]
+        listing[split] = []
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            name = class_of(class_dir.name)  # an unknown folder is an error even when empty
+            listing[split] += [(path, name) for path in sorted(class_dir.iterdir()) if path.is_file()]
     return listing
 
 

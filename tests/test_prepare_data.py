@@ -1,0 +1,262 @@
+"""prepare_data.py: every accepted layout end to end, idempotence, pairing rules, bad input."""
+import csv
+import itertools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import prepare_data
+from data import load_meta, load_split, load_text_pool, load_tokenizer
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
+LABEL_IDS = {"Sad": 0, "Happy": 1, "Angry": 3, "Fear": 4, "Surprise": 5}  # joy -> Happy
+
+
+def draw_face(path, mode, value):
+    pixels = np.full((90, 90), value, dtype=np.uint8)
+    pixels[20:40, 20:70] = 255 - value  # something for the resize to keep
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+def balanced_tree(root, per_class=6, splits=("train", "val", "test"), names=None):
+    """split/class/*.png with PNGs stored as L and RGB, and JPEGs, as the downloads mix them."""
+    names = names or ["angry", "Disgust", "FEAR", "happiness", "neutral", "sadness", "surprised"]
+    for split, (c, name) in itertools.product(splits, enumerate(names)):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            suffix, mode = [(".png", "L"), (".png", "RGB"), (".jpg", "RGB")][i % 3]
+            draw_face(folder / f"{i}{suffix}", mode, 20 * c + i)
+    return root
+
+
+def text_csv(path, per_label=30, extra_rows=()):
+    """`text,label` with unique sentences (every word also in train, so decoding is exact),
+    CRLF line ends; returns {sentence: label id}."""
+    combos = itertools.product(WORDS, repeat=3)
+    truth = {}
+    rows = []
+    for label in LABEL_IDS.values():
+        for _ in range(per_label):
+            sentence = " ".join(next(combos))
+            truth[sentence] = label
+            rows.append([sentence, label])
+    random.Random(0).shuffle(rows)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\r\n")
+        writer.writerow(["text", "label"])
+        writer.writerows([*rows, *extra_rows])
+    return truth
+
+
+def prepare(tmp_path, *args, out="processed"):
+    return prepare_data.main(["--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / out),
+                              "--vocab-size", "300", "--max-len", "16", *args])
+
+
+def decoded(tokenizer, split):
+    return [tokenizer.decode(ids[:n].tolist()) for ids, n in zip(split["input_ids"], split["lengths"])]
+
+
+@pytest.fixture
+def local_data(tmp_path):
+    images = balanced_tree(tmp_path / "images")
+    truth = text_csv(tmp_path / "texts.csv")
+    return images, tmp_path / "texts.csv", truth
+
+
+def test_pairs_respect_split_and_class(tmp_path, local_data):
+    images, texts, truth = local_data
+    assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(texts)) == 0
+    out = tmp_path / "processed"
+    meta, tokenizer = load_meta(out), load_tokenizer(out)
+    pool = load_text_pool(out)
+    pool_texts = set(decoded(tokenizer, pool))
+    by_split = {}
+    for split in data.SPLITS:
+        pairs = load_split(out, split)
+        by_split[split] = sentences = decoded(tokenizer, pairs)
+        assert meta["counts"][split] == {c: 6 for c in data.CLASSES}
+        for label, sentence in zip(pairs["labels"].tolist(), sentences):
+            name = meta["classes"][label]
+            assert sentence in truth
+            if name not in ("Disgust", "Neutral"):  # those get any text under 'random'
+                assert truth[sentence] == LABEL_IDS[name], (name, sentence)
+        if split != "train":
+            assert not pool_texts & set(sentences), f"{split} pairs use train texts"
+    assert not set(by_split["val"]) & set(by_split["test"])
+    assert set(by_split["train"]) <= pool_texts
+    vocab = tokenizer.get_vocab()
+    assert vocab["[PAD]"] == 0 and meta["unpaired"] == "random"
+
+
+def test_texts_of_a_class_are_used_evenly():
+    labels = np.array([0] * 10)
+    choice = prepare_data.pair_texts(labels, ["Angry"] * 4 + ["Sad"] * 3, ["Angry", "Sad"],
+                                     "random", np.random.default_rng(0))
+    counts = np.bincount(choice, minlength=7)
+    assert set(choice) == {0, 1, 2, 3} and counts.max() - counts[:4].min() <= 1
+
+
+def test_tokenizer_sees_only_train_texts(tmp_path):
+    balanced_tree(tmp_path / "images", per_class=3)
+    rows = [[f"i feel qz{i}word today", i % 6] for i in range(120)]  # one unique word each
+    with open(tmp_path / "texts.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *rows])
+    assert prepare(tmp_path, "--image-dir", str(tmp_path / "images"), "--text-csv",
+                   str(tmp_path / "texts.csv"), "--vocab-size", "2000") == 0
+    out = tmp_path / "processed"
+    train_texts = " ".join(decoded(load_tokenizer(out), load_text_pool(out)))
+    unique_in_vocab = [w for w in load_tokenizer(out).get_vocab() if w.startswith("qz")
+                       and w.endswith("word")]
+    assert len(unique_in_vocab) > 40  # the train texts' words made it in whole ...
+    assert all(w in train_texts for w in unique_in_vocab)  # ... and no val/test word did
+
+
+def test_same_seed_same_bytes_second_run_skips_force_redoes(tmp_path, local_data, capsys):
+    images, texts, _ = local_data
+    args = ["--image-dir", str(images), "--text-csv", str(texts)]
+    assert prepare(tmp_path, *args) == 0
+    assert prepare(tmp_path, *args, out="again") == 0
+    shards = sorted(p.name for p in (tmp_path / "processed").glob("*.pt"))
+    assert len(shards) == 4
+    for name in shards:
+        assert (tmp_path / "processed" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    capsys.readouterr()
+    assert prepare(tmp_path, *args) == 0
+    assert capsys.readouterr().out.count("done already") == 5  # steps 2-6
+    assert prepare(tmp_path, *args, "--force") == 0
+    assert "done already" not in capsys.readouterr().out
+
+
+def test_rafdb_layout_and_dair_ai_texts(tmp_path):
+    raf = balanced_tree(tmp_path / "raf" / "DATASET", per_class=20, splits=("train", "test"),
+                        names=[str(i) for i in range(1, 8)])
+    (tmp_path / "texts.txt").write_text("".join(f"{' '.join(w)};{name}\n" for w, name in zip(
+        itertools.product(WORDS, repeat=3), itertools.cycle(prepare_data.TEXT_LABELS))))
+    assert prepare(tmp_path, "--image-dir", str(raf.parent), "--text-csv",
+                   str(tmp_path / "texts.txt")) == 0
+    counts = load_meta(tmp_path / "processed")["counts"]
+    assert counts["train"]["Surprise"] == 17 and counts["val"]["Surprise"] == 3  # 15 % carved
+    assert counts["test"]["Neutral"] == 20  # folder 7
+
+
+def test_messy_csv_and_unreadable_files(tmp_path):
+    images = balanced_tree(tmp_path / "images")
+    (images / "train" / "angry" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (images / "train" / "angry" / ".DS_Store").write_bytes(b"\x00\x01")
+    extra = [["", 1], ["   ", 2], ['said "hi", then left 😀', 1], ['said "hi", then left 😀', 1],
+             ["tabs\tand   spaces", 0]]
+    truth = text_csv(tmp_path / "texts.csv", extra_rows=extra)
+    with open(tmp_path / "indexed.csv", "w", newline="") as f:  # the twin data set's layout
+        writer = csv.writer(f)
+        writer.writerow(["", "text", "label"])
+        writer.writerows([i, t, label] for i, (t, label) in enumerate(truth.items()))
+    for name in ("texts.csv", "indexed.csv"):
+        assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / name),
+                       out=f"out-{name}") == 0
+    meta = load_meta(tmp_path / "out-texts.csv")
+    assert sorted(p.rsplit("/", 1)[1] for p in meta["skipped_files"]) == [".DS_Store", "broken.png"]
+    assert meta["counts"]["train"]["Angry"] == 6
+    assert sum(meta["text_counts"].values()) == len(truth) + 2  # + emoji row and tab row, once each
+    assert sum(load_meta(tmp_path / "out-indexed.csv")["text_counts"].values()) == len(truth)
+
+
+class FakeKaggle:
+    """Stands in for kaggle.api: writes what the real package leaves after unzip=True."""
+
+    def __init__(self):
+        self.calls = []
+
+    def dataset_download_files(self, slug, path, unzip, quiet):
+        assert unzip
+        self.calls.append(slug)
+        if slug == prepare_data.KAGGLE_IMAGES:
+            balanced_tree(Path(path) / "balanced-raf-db", per_class=3)
+        else:
+            text_csv(Path(path) / "emotions.csv")
+
+
+def test_kaggle_download_marker_and_layout(tmp_path, monkeypatch, capsys):
+    api = FakeKaggle()
+    monkeypatch.setattr(prepare_data, "kaggle_api", lambda: api)
+    assert prepare(tmp_path) == 0
+    raw = tmp_path / "raw" / "balanced-raf-db-dataset-7575-grayscale"
+    assert (raw / ".download-complete").exists() and (raw / "balanced-raf-db" / "train").is_dir()
+    assert load_meta(tmp_path / "processed")["sources"]["images"] == prepare_data.KAGGLE_IMAGES
+    assert len(api.calls) == 2
+    assert prepare(tmp_path) == 0
+    assert len(api.calls) == 2 and "downloaded already" in capsys.readouterr().out
+
+
+def test_missing_credentials(tmp_path, monkeypatch, capsys):
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / ".kaggle"))
+    assert prepare(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for way in ("~/.kaggle/kaggle.json", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        assert way in err
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("folder", "unknown class folder 'contempt'"), ("columns", "expected 'text' and 'label'"),
+    ("label", "unmapped label '9'")])
+def test_bad_input_is_one_clear_line(tmp_path, problem, expected, capsys):
+    images = balanced_tree(tmp_path / "images", per_class=2)
+    text_csv(tmp_path / "texts.csv")
+    if problem == "folder":
+        (images / "train" / "contempt").mkdir()
+    elif problem == "columns":
+        (tmp_path / "texts.csv").write_text("sentence,emotion\nhello,1\n")
+    else:
+        with open(tmp_path / "texts.csv", "a") as f:
+            f.write("a new sentence,9\n")
+    assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / "texts.csv")) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    if problem == "folder":
+        assert "happiness" in err and "surprised" in err  # it lists what is known
+    if problem == "label":
+        assert "0 sadness -> Sad" in err
+
+
+def test_killed_run_is_not_taken_for_finished(tmp_path, local_data, monkeypatch):
+    images, texts, _ = local_data
+    args = ["--image-dir", str(images), "--text-csv", str(texts)]
+    assert prepare(tmp_path, *args, out="clean") == 0
+    real_save = prepare_data.save_atomic
+
+    def dies_after_first_shard(obj, path):
+        real_save(obj, path)
+        if path.name == "train-00000.pt":
+            raise KeyboardInterrupt  # killed while writing shards
+    monkeypatch.setattr(prepare_data, "save_atomic", dies_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, *args)
+    with pytest.raises(data.DataError):
+        load_split(tmp_path / "processed", "train")  # no meta.json: not a finished data set
+    monkeypatch.setattr(prepare_data, "save_atomic", real_save)
+    assert prepare(tmp_path, *args) == 0
+    for name in ("train-00000.pt", "val-00000.pt", "test-00000.pt", "texts-train.pt"):
+        assert (tmp_path / "processed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_drop_policy_makes_five_classes(tmp_path, local_data):
+    images, texts, _ = local_data
+    assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(texts),
+                   "--unpaired", "drop") == 0
+    meta = load_meta(tmp_path / "processed")
+    assert meta["classes"] == ["Angry", "Fear", "Happy", "Sad", "Surprise"]
+    assert meta["unpaired"] == "drop"
+    assert load_split(tmp_path / "processed", "test")["labels"].max() == 4
+    assert json.loads((tmp_path / "processed" / "meta.json").read_text())["counts"]["train"]["Sad"] == 6
+    assert torch.equal(load_text_pool(tmp_path / "processed")["labels"].unique(), torch.arange(5))
