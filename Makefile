@@ -7,7 +7,7 @@ ARGS ?=
 IMAGE ?=
 TEXT ?=
 QUICK := data/synthetic
-QUICK_TRAIN := --data $(QUICK)/processed --no-pretrained --input-size 112 --epochs 6 --overwrite
+QUICK_TRAIN := --data $(QUICK)/processed --no-pretrained --input-size 112 --epochs 8 --lr 5e-4 --warmup 100 --overwrite
 
 .PHONY: install data train eval demo bench test quickstart clean
 
@@ -41,7 +41,7 @@ quickstart: install
 	rm -f results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt --data $(QUICK)/processed --results results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_b/best.pt --data $(QUICK)/processed --results results/quickstart.csv --ablate
-	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image "$$(ls $(QUICK)/raw/test/happy/*.png | head -n 1)" --text "I can't stop smiling today, what a wonderful surprise"
+	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image "$$(ls $(QUICK)/raw/synthetic/images/test/happy/*.png | head -n 1)" --text "I can't stop smiling today, what a wonderful surprise"
 
 # Keeps data/raw: the Kaggle downloads are not generated here and are slow to fetch again.
 clean:

@@ -13,6 +13,7 @@ slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,19 @@ SPLITS = ("train", "val", "test")
 
 class DataError(ValueError):
     """Missing or malformed prepared data; the message says what to run."""
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary name beside `path`; it replaces `path` only when the block ends
+    without an error, so no reader (or later run) ever sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pick_device(name="auto"):
@@ -233,7 +247,6 @@ def cached_features(model, images, cache_dir, device, *, flips, batch_size=256, 
     features = {key: torch.stack([torch.cat(parts) for parts in per_variant])
                 for key, per_variant in chunks.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(features, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    with atomic_write(path) as tmp:  # a killed run never leaves a half-written cache
+        torch.save(features, tmp)
     return features, path

@@ -11,14 +11,13 @@ tokenizer, the class names and the raw image size; preprocessing lives in the mo
 import argparse
 import csv
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
 
-from data import DataError, encode_texts, load_split, pick_device, read_image
+from data import DataError, atomic_write, encode_texts, load_split, pick_device, read_image
 from models import CheckpointError, load_checkpoint
 
 
@@ -72,9 +71,9 @@ def show_examples(model, tokenizer, info, device, count, data_dir, out, seed):
         ax.text(0.5, -0.04, textwrap.fill(text, 34), transform=ax.transAxes, ha="center",
                 va="top", fontsize=8)
     fig.tight_layout()
-    fig.savefig(f"{out}.tmp.png", dpi=100)
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(f"{out}.tmp.png", out)
     accuracy = float((probs.argmax(1) == test["labels"][picks]).float().mean())
     print(f"{len(picks)} test pairs, {accuracy:.0%} right: {out}")
 

@@ -10,7 +10,6 @@ confusion matrix (CSV + PNG) next to the checkpoint and appends one row to the r
 import argparse
 import csv
 import io
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, \
     f1_score, precision_recall_fscore_support
 
-from data import Batches, DataError, autocast, cached_features, load_meta, load_split, \
+from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_tokenizer, pick_device
 from models import CheckpointError, check_compatible, load_checkpoint
 
@@ -102,9 +101,8 @@ def append_row(path, row):
         writer.writeheader()
     writer.writerow(row)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(old + out.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(old + out.getvalue())
 
 
 def print_results(path):
@@ -126,8 +124,8 @@ def save_confusion(matrix, classes, stem):
     import matplotlib.pyplot as plt
     lines = ["true\\predicted," + ",".join(classes)]
     lines += [f"{name}," + ",".join(map(str, counts)) for name, counts in zip(classes, matrix)]
-    Path(f"{stem}.csv.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(f"{stem}.csv.tmp", f"{stem}.csv")
+    with atomic_write(f"{stem}.csv") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -137,9 +135,9 @@ def save_confusion(matrix, classes, stem):
         ax.text(j, i, matrix[i, j], ha="center", va="center",
                 color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(f"{stem}.tmp.png", dpi=100)
+    with atomic_write(f"{stem}.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(f"{stem}.tmp.png", f"{stem}.png")
 
 
 def ablations(model, split, features, batch_size, device, mixed_precision):

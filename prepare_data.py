@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, encode_texts, read_image
+from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, atomic_write, encode_texts, read_image
 import synthetic
 
 KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
@@ -53,18 +54,6 @@ def digest(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_atomic(obj, path):
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_atomic(text, path):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def step(number, name, work, key, force, build):
     """Run step `number` unless its output under `work` was finished with the same key."""
     output, marker = work / f"step{number}-{name}.pt", work / f"step{number}-{name}.key"
@@ -73,9 +62,12 @@ def step(number, name, work, key, force, build):
         return torch.load(output, weights_only=True)
     marker.unlink(missing_ok=True)  # from here on, the old output is not finished work
     say(f"[{number}/6] {name} ...")
+    start = time.time()
     result = build()
-    save_atomic(result, output)
-    write_atomic(key, marker)
+    with atomic_write(output) as tmp:
+        torch.save(result, tmp)
+    marker.write_text(key)  # after the output: a marker always vouches for a whole file
+    say(f"      {name}: {time.time() - start:.1f} s")
     return result
 
 
@@ -353,17 +345,20 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
         for number, start in enumerate(range(0, len(rows), SHARD_SIZE)):
             part = slice(start, start + SHARD_SIZE)
             name = f"{split}-{number:05d}.pt"
-            save_atomic({"version": FORMAT_VERSION, "images": images[split]["images"][rows[part]],
-                         "labels": pairs["labels"][part], "input_ids": input_ids[text_rows[part]],
-                         "lengths": lengths[text_rows[part]]}, out / name)
+            with atomic_write(out / name) as tmp:
+                torch.save({"version": FORMAT_VERSION, "images": images[split]["images"][rows[part]],
+                            "labels": pairs["labels"][part], "input_ids": input_ids[text_rows[part]],
+                            "lengths": lengths[text_rows[part]]}, tmp)
             shards[split].append(name)
         counts[split] = {c: int((pairs["labels"] == i).sum()) for i, c in enumerate(classes)}
         say(f"      {split}: {len(rows)} pairs in {len(shards[split])} shard(s)")
     input_ids, lengths = encode_texts(tokenizer, texts["train"]["texts"], args.max_len)
     pool_labels = [classes.index(TEXT_TO_CLASS[n]) for n in texts["train"]["labels"]]
-    save_atomic({"version": FORMAT_VERSION, "input_ids": input_ids, "lengths": lengths,
-                 "labels": torch.tensor(pool_labels, dtype=torch.int64)}, out / "texts-train.pt")
-    write_atomic(tokenizer_json, out / "tokenizer.json")
+    with atomic_write(out / "texts-train.pt") as tmp:
+        torch.save({"version": FORMAT_VERSION, "input_ids": input_ids, "lengths": lengths,
+                    "labels": torch.tensor(pool_labels, dtype=torch.int64)}, tmp)
+    with atomic_write(out / "tokenizer.json") as tmp:
+        tmp.write_text(tokenizer_json)
     import PIL
     import sklearn
     import tokenizers
@@ -378,7 +373,8 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
             "versions": {"torch": torch.__version__.split("+")[0], "numpy": np.__version__,
                          "pillow": PIL.__version__, "tokenizers": tokenizers.__version__,
                          "scikit-learn": sklearn.__version__}}
-    write_atomic(json.dumps(meta, indent=2) + "\n", out / "meta.json")  # ... and comes back last
+    with atomic_write(out / "meta.json") as tmp:  # ... and comes back last
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def parse_args(argv=None):
@@ -435,8 +431,9 @@ def prepare(args):
         say(f"[6/6] shards: done already, skipped: {out} is up to date")
         return 0
     say("[6/6] shards ...")
+    start = time.time()
     write_outputs(out, images, texts, tokenizer["json"], paired, args, sources, key)
-    say(f"done: {out}")
+    say(f"      shards: {time.time() - start:.1f} s\ndone: {out}")
     return 0
 
 

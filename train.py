@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from data import Batches, DataError, autocast, cached_features, load_meta, load_split, \
+from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_text_pool, load_tokenizer, pick_device
 from evaluate import evaluate
 from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
@@ -83,10 +82,9 @@ def lr_factor(step, total_steps, args):
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def write_atomic(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path, text):
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def plot_curves(rows, path):
@@ -100,9 +98,9 @@ def plot_curves(rows, path):
             ax.plot(epochs, [float(r[f"{split}_{metric}"]) for r in rows], marker=".", label=split)
         ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
     fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png", dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(f"{path}.tmp.png", path)
 
 
 def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0,
@@ -210,12 +208,12 @@ def train(args):
         with open(run_dir / "log.csv", newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
         # drop rows of an epoch that was logged but never checkpointed, then keep appending
-        write_atomic(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n" +
+        write_text(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n" +
                      "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in rows))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "args.json", json.dumps(vars(args), indent=2))
-        write_atomic(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n")
+        write_text(run_dir / "args.json", json.dumps(vars(args), indent=2))
+        write_text(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n")
 
     total_steps = args.epochs * len(train_batches)
     epoch = start_epoch
