@@ -41,7 +41,7 @@ quickstart: install
 	rm -f results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt --data $(QUICK)/processed --results results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_b/best.pt --data $(QUICK)/processed --results results/quickstart.csv --ablate
-	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image "$$(ls $(QUICK)/raw/synthetic/images/test/happy/*.png | head -n 1)" --text "I can't stop smiling today, what a wonderful surprise"
+	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image "$$(ls $(QUICK)/raw/synthetic/images/test/happy/*.png | head -n 1)" --text "honestly i feel so happy and cheerful today"
 
 # Keeps data/raw: the Kaggle downloads are not generated here and are slow to fetch again.
 clean:
