@@ -52,24 +52,41 @@ EMOTION_WORDS = {
     "love": "loved caring affectionate tender romantic adored cherished fond devoted warm sweet passionate",
     "anger": "angry furious irritated mad annoyed enraged resentful bitter outraged hostile cranky fed-up",
     "fear": "scared afraid anxious terrified nervous frightened worried panicky uneasy shaken tense alarmed",
-    "surprise": "surprised amazed shocked astonished stunned startled speechless curious dazed amazed",
+    "surprise": "surprised amazed shocked astonished stunned startled speechless curious dazed floored",
 }
 TEMPLATES = [
-    "i feel {w}", "i am feeling so {w} {about}", "honestly i feel {w} {about}",
+    "i feel {w} {about}", "i am feeling so {w} {about}", "honestly i feel {w} {about}",
     "feeling {w} {about} tonight", "i have been {w} since {event}", "{event} left me {w}",
     "why do i always feel {w} {about}", "i feel kind of {w} {about}, not sure why",
-    "still {w} after {event}", "i cant help feeling {w} {about}", "so {w} right now",
+    "still {w} after {event}", "i cant help feeling {w} {about}", "so {w} right now {about}",
     "i was {w} when {event} happened", "pretty {w} {about} if im honest",
-    "today i feel really {w}", "my friends say i look {w} {about}",
+    "today i feel really {w} {about}", "my friends say i look {w} {about}",
 ]
+# Long slot lists keep the real-size set (417k rows) nearly free of duplicates (3 %),
+# as the real one is; short sentences keep a tiny data set learnable.
 ABOUT = ["about work", "about my exams", "about the weekend", "about my family", "about it",
          "about this city", "about the news", "about my job", "about school", "about us",
-         "about the trip", "about tomorrow", "about my sister", "about the game", ""]
+         "about the trip", "about tomorrow", "about my sister", "about the game", "",
+         "about my brother", "about the rent", "about my boss", "about the new house",
+         "about my best friend", "about the wedding", "about my grades", "about the dog",
+         "about this year", "about the team", "about my health", "about the future", "",
+         "about my dad", "about the kids", "about my car", "about the neighbours", "about him",
+         "about her", "about them", "about the class", "about my flat", "about the budget",
+         "about my cousin", "about the holidays", "about this song", "about the weather",
+         "about my roommate", "about the show", "about my plans", "about the office", ""]
 EVENTS = ["the meeting", "the phone call", "last night", "the concert", "the interview",
           "the holidays", "the move", "the results came out", "the long drive", "the party",
-          "the email", "the match", "the doctor visit", "our talk", "the storm"]
-OPENERS = ["", "", "", "ok so ", "well ", "lol ", "ugh ", "hmm ", "omg ", "you know what "]
-ENDINGS = ["", "", "", " today", " again", " lately", " tbh", " haha", " 🙃", " 😊", " 😢", " !!"]
+          "the email", "the match", "the doctor visit", "our talk", "the storm",
+          "the exam", "the breakup", "the game ended", "the flight", "the first day",
+          "my birthday", "the dinner", "the test results", "the trip home", "the argument",
+          "the news broke", "the funeral", "the promotion", "the surprise visit", "the vote",
+          "the lecture", "the date", "the workout", "the final", "the wedding", "the reunion",
+          "the show", "the weekend", "the audition", "the shopping trip", "the accident",
+          "the speech", "the sleepover", "the job offer", "the quiz"]
+OPENERS = ["", "", "", "ok so ", "well ", "lol ", "ugh ", "hmm ", "omg ", "you know what ",
+           "honestly ", "so ", "idk ", "ngl ", "man ", "yeah ", "guys ", "wow ", "tbh "]
+ENDINGS = ["", "", "", " today", " again", " lately", " tbh", " haha", " 🙃", " 😊", " 😢", " !!",
+           " lol", " rn", " tonight", " ...", " ok", " for real"]
 LABEL_NOISE = 0.1
 
 
@@ -92,7 +109,7 @@ def face_image(seed, class_index):
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(skin))
     dark = int(skin * rng.uniform(0.15, 0.35))
     if rng.random() < 0.6:  # hair
-        draw.chord([cx - rx - 2, cy - ry - 6, cx + rx + 2, cy + ry * 0.2], 180, 360, fill=dark)
+        draw.chord([cx - rx - 2, cy - ry - 6, cx + rx + 2, cy - ry * 0.1], 180, 360, fill=dark)
     eye_dx, eye_y = rng.uniform(17, 22), cy - rng.uniform(8, 14)
     for side in (-1, 1):  # brows and eyes, mirrored
         ex = cx + side * eye_dx
@@ -125,14 +142,16 @@ def face_image(seed, class_index):
     else:
         draw.line(upper_pts, fill=dark, width=3, joint="curve")
 
-    # Pose and scale, then halve the canvas.
-    scale = rng.uniform(0.85, 1.1)
-    image = image.rotate(rng.normal(0, 7), resample=Image.BILINEAR, fillcolor=int(background),
-                         translate=tuple(rng.normal(0, 4, 2)))
-    size = int(CANVAS * scale)
-    image = image.resize((size, size), Image.BILINEAR)
-    offset = (size - CANVAS) // 2
-    image = image.crop((offset, offset, offset + CANVAS, offset + CANVAS)).reduce(2)
+    # Pose: one affine map (rotation, scale, shift), then halve the canvas. PIL wants
+    # the inverse map, output pixel -> input pixel.
+    angle, scale = np.deg2rad(rng.normal(0, 7)), rng.uniform(0.85, 1.1)
+    shift_x, shift_y = rng.normal(0, 4, 2)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    centre = CANVAS / 2
+    inverse = (cos, sin, centre - cos * (centre + shift_x) - sin * (centre + shift_y),
+               -sin, cos, centre + sin * (centre + shift_x) - cos * (centre + shift_y))
+    image = image.transform(image.size, Image.AFFINE, inverse, resample=Image.BILINEAR,
+                            fillcolor=int(background)).reduce(2)
     if rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
 
@@ -154,17 +173,23 @@ def write_texts(path, count, seed):
     """`count` tweet-like sentences as a `text,label` CSV with integer labels 0..5."""
     rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own, apart from images
     labels = rng.choice(len(TEXT_LABELS), size=count, p=TEXT_SHARES)
+    # Every choice drawn up front, one array per slot: 10x faster than a draw per slot and row.
+    slots = [TEMPLATES, ABOUT, EVENTS, OPENERS, ENDINGS]
+    template, about, event, opener, ending = (
+        rng.integers(len(options), size=count) for options in slots)
+    word = rng.integers(1 << 30, size=count)  # modulo the class's word count, below
+    noisy = rng.random(count) < LABEL_NOISE  # people mislabel tweets; so do annotators
+    noisy_label = rng.integers(len(TEXT_LABELS), size=count)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
-        for label in labels:
+        for i, label in enumerate(labels):
             words = EMOTION_WORDS[TEXT_LABELS[label]].split()
-            sentence = rng.choice(TEMPLATES).format(
-                w=rng.choice(words), about=rng.choice(ABOUT), event=rng.choice(EVENTS))
-            sentence = rng.choice(OPENERS) + sentence + rng.choice(ENDINGS)
-            if rng.random() < LABEL_NOISE:  # people mislabel tweets; so do annotators
-                label = rng.integers(len(TEXT_LABELS))
-            writer.writerow([" ".join(sentence.split()), int(label)])
+            sentence = (OPENERS[opener[i]]
+                        + TEMPLATES[template[i]].format(w=words[word[i] % len(words)],
+                                                        about=ABOUT[about[i]], event=EVENTS[event[i]])
+                        + ENDINGS[ending[i]])
+            writer.writerow([" ".join(sentence.split()), int(noisy_label[i] if noisy[i] else label)])
 
 
 def generate(dest, seed=0, images_per_class=(300, 50, 50), texts=6000, workers=2):

@@ -3,6 +3,8 @@ import csv
 import itertools
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import data
 import prepare_data
 from data import load_meta, load_split, load_text_pool, load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
 LABEL_IDS = {"Sad": 0, "Happy": 1, "Angry": 3, "Fear": 4, "Surprise": 5}  # joy -> Happy
 
@@ -135,6 +138,27 @@ def test_same_seed_same_bytes_second_run_skips_force_redoes(tmp_path, local_data
     assert "done already" not in capsys.readouterr().out
 
 
+def test_same_bytes_in_a_fresh_process(tmp_path):
+    """Hash maps are seeded per process: output that follows their order differs between
+    runs, never within one. Many equally frequent letter pairs make the tokenizer's merge
+    ties matter, and a small vocabulary cuts through them."""
+    balanced_tree(tmp_path / "images", per_class=3)
+    rng = random.Random(0)
+    rows = [[" ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7)))
+                      for _ in range(6)), i % 6] for i in range(300)]
+    with open(tmp_path / "texts.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *rows])
+    for out in ("one", "two"):
+        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--image-dir",
+                        str(tmp_path / "images"), "--text-csv", str(tmp_path / "texts.csv"),
+                        "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / out),
+                        "--vocab-size", "120", "--max-len", "16"], check=True, capture_output=True)
+    outputs = sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_file())
+    assert len(outputs) == 6  # 3 shards, texts-train.pt, tokenizer.json, meta.json
+    for name in outputs:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_rafdb_layout_and_dair_ai_texts(tmp_path):
     raf = balanced_tree(tmp_path / "raf" / "DATASET", per_class=20, splits=("train", "test"),
                         names=[str(i) for i in range(1, 8)])
@@ -151,13 +175,15 @@ def test_messy_csv_and_unreadable_files(tmp_path):
     images = balanced_tree(tmp_path / "images")
     (images / "train" / "angry" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (images / "train" / "angry" / ".DS_Store").write_bytes(b"\x00\x01")
-    extra = [["", 1], ["   ", 2], ['said "hi", then left 😀', 1], ['said "hi", then left 😀', 1],
+    (images / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class folder
+    extra = [["", 1], ["   ", 2], ["", ""], ['said "hi", then left 😀', 1], ['said "hi", then left 😀', 1],
              ["tabs\tand   spaces", 0]]
     truth = text_csv(tmp_path / "texts.csv", extra_rows=extra)
     with open(tmp_path / "indexed.csv", "w", newline="") as f:  # the twin data set's layout
         writer = csv.writer(f)
         writer.writerow(["", "text", "label"])
         writer.writerows([i, t, label] for i, (t, label) in enumerate(truth.items()))
+        writer.writerow([len(truth), "", ""])  # an empty row: dropped, its label not judged
     for name in ("texts.csv", "indexed.csv"):
         assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / name),
                        out=f"out-{name}") == 0
@@ -200,6 +226,8 @@ def test_missing_credentials(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / ".kaggle"))
+    for name in [m for m in sys.modules if m.split(".")[0] == "kaggle"]:
+        monkeypatch.delitem(sys.modules, name)  # the package reads its config dir on import
     assert prepare(tmp_path) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -209,7 +237,7 @@ def test_missing_credentials(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("problem,expected", [
     ("folder", "unknown class folder 'contempt'"), ("columns", "expected 'text' and 'label'"),
-    ("label", "unmapped label '9'")])
+    ("label", "unmapped label '9'"), ("rare", "cannot split the texts 70/15/15")])
 def test_bad_input_is_one_clear_line(tmp_path, problem, expected, capsys):
     images = balanced_tree(tmp_path / "images", per_class=2)
     text_csv(tmp_path / "texts.csv")
@@ -217,9 +245,9 @@ def test_bad_input_is_one_clear_line(tmp_path, problem, expected, capsys):
         (images / "train" / "contempt").mkdir()
     elif problem == "columns":
         (tmp_path / "texts.csv").write_text("sentence,emotion\nhello,1\n")
-    else:
+    else:  # an unknown label, or a label with one sentence (which cannot be in 3 splits)
         with open(tmp_path / "texts.csv", "a") as f:
-            f.write("a new sentence,9\n")
+            f.write("a new sentence,9\n" if problem == "label" else "a lone love sentence,2\n")
     assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / "texts.csv")) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
