@@ -68,7 +68,8 @@ def show_examples(model, tokenizer, info, device, count, data_dir, out, seed):
         ax.imshow(test["images"][i].numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {true} | pred {pred} ({p.max():.2f})", fontsize=9,
                      color="green" if true == pred else "red")
-        ax.text(0.5, -0.04, textwrap.fill(text, 34), transform=ax.transAxes, ha="center",
+        printable = "".join(ch for ch in text if ord(ch) <= 0xFFFF)  # the default font has no emoji
+        ax.text(0.5, -0.04, textwrap.fill(printable, 34), transform=ax.transAxes, ha="center",
                 va="top", fontsize=8)
     fig.tight_layout()
     with atomic_write(out) as tmp:

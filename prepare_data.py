@@ -11,14 +11,8 @@ and its key (a hash of everything it depends on) is written after it, so a run k
 half way leaves nothing a later run takes for finished work. meta.json comes last.
 """
 import argparse
-import contextlib
-import csv
-import hashlib
 import heapq
-import io
 import json
-import os
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -29,31 +23,11 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, atomic_write, encode_texts, read_image
-import synthetic
+from sources import KAGGLE_IMAGES, KAGGLE_TEXTS, TEXT_TO_CLASS, digest, find_image_root, \
+    kaggle_download, list_images, read_texts, say, synthetic_raw
 
-KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
-KAGGLE_TEXTS = "bhavikjikadara/emotions-dataset"
-CREDENTIALS_HELP = ("no Kaggle credentials: put kaggle.json in ~/.kaggle/kaggle.json, or set "
-                    "KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN (Kaggle -> Settings -> API); "
-                    "or use --image-dir/--text-csv, or --source synthetic")
-FOLDER_NAMES = {"angry": "Angry", "anger": "Angry", "disgust": "Disgust", "fear": "Fear",
-                "happy": "Happy", "happiness": "Happy", "neutral": "Neutral", "sad": "Sad",
-                "sadness": "Sad", "surprise": "Surprise", "surprised": "Surprise"}
-RAFDB_IDS = {"1": "Surprise", "2": "Fear", "3": "Disgust", "4": "Happy", "5": "Sad",
-             "6": "Angry", "7": "Neutral"}  # plain RAF-DB's numeric class folders
-TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # ids 0..5 in the CSVs
-TEXT_TO_CLASS = {"sadness": "Sad", "joy": "Happy", "love": "Happy", "anger": "Angry",
-                 "fear": "Fear", "surprise": "Surprise"}
 UNPAIRED = [c for c in CLASSES if c not in TEXT_TO_CLASS.values()]  # Disgust, Neutral
 SHARD_SIZE = 10000
-
-
-def say(message):
-    print(message, flush=True)
-
-
-def digest(*parts):
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def step(number, name, work, key, force, build):
@@ -74,64 +48,6 @@ def step(number, name, work, key, force, build):
 
 
 # ---- step 1: raw data --------------------------------------------------------------
-
-def kaggle_api():
-    """The official client, authenticated. Imported here, not at the top: `import kaggle`
-    authenticates at import time and prints its own help when that fails."""
-    quiet = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            import kaggle
-            kaggle.api.authenticate()
-    except (Exception, SystemExit):
-        raise DataError(CREDENTIALS_HELP) from None
-    return kaggle.api
-
-
-def kaggle_download(slug, raw_dir):
-    """Download and unzip one data set into raw_dir/<name>/, once. The package deletes its
-    zip after unzipping, so our own marker says the download finished."""
-    dest = Path(raw_dir) / slug.split("/")[1]
-    marker = dest / ".download-complete"
-    if marker.exists():
-        say(f"      {slug}: downloaded already ({dest})")
-        return dest
-    api = kaggle_api()
-    tmp = Path(f"{dest}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a download killed half way is started over
-    tmp.mkdir(parents=True)
-    say(f"      downloading {slug} ...")
-    try:
-        api.dataset_download_files(slug, path=str(tmp), unzip=True, quiet=False)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"download of {slug} failed ({type(err).__name__}: {err}); "
-                        "check the network and your Kaggle credentials") from None
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    marker.write_text(slug + "\n")
-    return dest
-
-
-def synthetic_raw(raw_dir, seed, images_per_class, texts):
-    """Generate the synthetic raw layout once per (seed, sizes)."""
-    # the generator's own source is part of the key: a changed generator regenerates
-    key = digest("synthetic", seed, images_per_class, texts,
-                 hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest())
-    dest = Path(raw_dir) / "synthetic"
-    marker = dest / ".generated"
-    if marker.exists() and marker.read_text() == key:
-        say(f"      synthetic raw data generated already ({dest})")
-    else:
-        tmp = Path(f"{dest}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        say(f"      generating {sum(images_per_class) * 7} faces and {texts} sentences ...")
-        synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        marker.write_text(key)
-    return dest / "images", dest / "texts.csv"
-
 
 def locate(args):
     """Step 1: where the raw image tree and text file are (downloading or generating them)."""
@@ -172,41 +88,6 @@ def stratified_split(rows, labels, fraction, seed, what):
 
 # ---- step 2: images ----------------------------------------------------------------
 
-def find_image_root(image_dir):
-    """The folder that holds the split folders (downloads often nest it one or two deep)."""
-    for depth in range(4):
-        for folder in sorted([Path(image_dir)] if depth == 0 else Path(image_dir).glob("*/" * depth)):
-            names = {p.name.lower() for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
-            if {"train", "test"} <= names:
-                return folder
-    raise DataError(f"no train/ and test/ folders found in {image_dir}: expected "
-                    "split/class/*.png (train, val, test) or RAF-DB's DATASET/{train,test}/{1..7}")
-
-
-def class_of(folder):
-    name = folder.lower()
-    if name in FOLDER_NAMES or name in RAFDB_IDS:
-        return FOLDER_NAMES.get(name) or RAFDB_IDS[name]
-    known = ", ".join(sorted(FOLDER_NAMES)) + "; RAF-DB ids " + ", ".join(
-        f"{k}={v}" for k, v in RAFDB_IDS.items())
-    raise DataError(f"unknown class folder {folder!r}: known names (any case) are {known}")
-
-
-def list_images(root):
-    """{split: [(path, class), ...]} sorted, for the splits found (val may be missing)."""
-    listing = {}
-    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        split = split_dir.name.lower()
-        if split not in SPLITS:
-            continue
-        listing[split] = []
-        # hidden folders (.ipynb_checkpoints, ...) are never classes
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name[0] != "."):
-            name = class_of(class_dir.name)  # an unknown folder is an error even when empty
-            listing[split] += [(path, name) for path in sorted(class_dir.iterdir()) if path.is_file()]
-    return listing
-
-
 def read_images(listing, size, seed):
     """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
     train, stratified and seeded (plain RAF-DB has only train and test)."""
@@ -237,34 +118,6 @@ def read_images(listing, size, seed):
 
 
 # ---- step 3: texts -----------------------------------------------------------------
-
-def read_texts(path):
-    """(texts, label names) from `text,label` CSV (with or without a leading index column)
-    or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        first = f.readline()
-        f.seek(0)
-        if ";" in first and "," not in first.split(";")[-1]:  # dair-ai: text;label, no header
-            rows = [line.rstrip("\r\n").rsplit(";", 1) for line in f if line.strip()]
-            rows = [(r[0], r[1]) for r in rows if len(r) == 2]
-        else:
-            reader = csv.DictReader(f)
-            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
-            if "text" not in columns or "label" not in columns:
-                raise DataError(f"{path} has columns {reader.fieldnames}: expected 'text' and "
-                                "'label' (or dair-ai 'text;label' lines)")
-            rows = [(r[columns["text"]] or "", r[columns["label"]] or "") for r in reader]
-    texts, labels = [], []
-    for text, label in rows:
-        label = label.strip().lower()
-        name = TEXT_LABELS[int(label)] if label.isdigit() and int(label) < len(TEXT_LABELS) else label
-        if text.strip() and name not in TEXT_TO_CLASS:  # an empty row is dropped, not judged
-            mapping = ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(TEXT_LABELS))
-            raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
-        texts.append(text)
-        labels.append(name)
-    return texts, labels
-
 
 def split_texts(path, seed):
     """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is

@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import prepare_data
+import sources
 from data import load_meta, load_split, load_text_pool, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def test_rafdb_layout_and_dair_ai_texts(tmp_path):
     raf = balanced_tree(tmp_path / "raf" / "DATASET", per_class=20, splits=("train", "test"),
                         names=[str(i) for i in range(1, 8)])
     (tmp_path / "texts.txt").write_text("".join(f"{' '.join(w)};{name}\n" for w, name in zip(
-        itertools.product(WORDS, repeat=3), itertools.cycle(prepare_data.TEXT_LABELS))))
+        itertools.product(WORDS, repeat=3), itertools.cycle(sources.TEXT_LABELS))))
     assert prepare(tmp_path, "--image-dir", str(raf.parent), "--text-csv",
                    str(tmp_path / "texts.txt")) == 0
     counts = load_meta(tmp_path / "processed")["counts"]
@@ -203,7 +204,7 @@ class FakeKaggle:
     def dataset_download_files(self, slug, path, unzip, quiet):
         assert unzip
         self.calls.append(slug)
-        if slug == prepare_data.KAGGLE_IMAGES:
+        if slug == sources.KAGGLE_IMAGES:
             balanced_tree(Path(path) / "balanced-raf-db", per_class=3)
         else:
             text_csv(Path(path) / "emotions.csv")
@@ -211,11 +212,11 @@ class FakeKaggle:
 
 def test_kaggle_download_marker_and_layout(tmp_path, monkeypatch, capsys):
     api = FakeKaggle()
-    monkeypatch.setattr(prepare_data, "kaggle_api", lambda: api)
+    monkeypatch.setattr(sources, "kaggle_api", lambda: api)
     assert prepare(tmp_path) == 0
     raw = tmp_path / "raw" / "balanced-raf-db-dataset-7575-grayscale"
     assert (raw / ".download-complete").exists() and (raw / "balanced-raf-db" / "train").is_dir()
-    assert load_meta(tmp_path / "processed")["sources"]["images"] == prepare_data.KAGGLE_IMAGES
+    assert load_meta(tmp_path / "processed")["sources"]["images"] == sources.KAGGLE_IMAGES
     assert len(api.calls) == 2
     assert prepare(tmp_path) == 0
     assert len(api.calls) == 2 and "downloaded already" in capsys.readouterr().out
