@@ -30,7 +30,7 @@ from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_m
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss",
                "val_accuracy", "val_macro_f1", "lr", "samples_per_s", "seconds"]
-RESUMABLE_ARGS_KEEP = ("epochs", "device", "resume", "overwrite")  # may change on --resume
+RESUME_MAY_CHANGE = ("epochs", "device", "resume", "overwrite")  # the rest comes from args.json
 
 
 def parse_args(argv=None):
@@ -152,7 +152,7 @@ def train(args):
             raise DataError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
         saved = json.loads((run_dir / "args.json").read_text())
         for key, value in saved.items():
-            if key not in RESUMABLE_ARGS_KEEP:
+            if key not in RESUME_MAY_CHANGE:
                 setattr(args, key, value)
     elif (run_dir / "last.pt").exists() and not args.overwrite:
         raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
