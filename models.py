@@ -142,7 +142,7 @@ class GRUTextEncoder(nn.Module):
         # and its state zeroed below.
         packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
         _, state = self.gru(packed)  # (1, B, H), back in batch order
-        return state[0] * (lengths > 0).unsqueeze(1).to(state.dtype)  # (B, H)
+        return state[0] * (lengths > 0).unsqueeze(1).to(state)  # (B, H); lengths may live on the CPU
 
 
 class TransformerTextEncoder(nn.Module):
@@ -243,6 +243,7 @@ class ModelB(EmotionModel):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(IMAGE_DIM + cfg.d_model, cfg.num_classes))
 
     def text_vector(self, input_ids, lengths, features):
+        lengths = lengths.to(input_ids.device)  # callers keep lengths on the CPU for packing
         real = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths.unsqueeze(1)  # (B, L)
         # An empty text would mask every key and softmax would give NaN: let it attend to its
         # first (pad) position; the masked mean below still excludes it.

@@ -146,6 +146,8 @@ def build(args, meta, tokenizer, device, run_dir):
 
 def train(args):
     device = pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no-op on CPU
+    torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(args.out) / args.run
     if args.resume:
         if not (run_dir / "last.pt").exists():
