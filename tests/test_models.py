@@ -291,3 +291,17 @@ def test_feature_fingerprint_tracks_trunk_and_preprocessing():
     with torch.no_grad():
         model.image_encoder.trunk[0].weight[0, 0, 0, 0] += 1e-3
     assert fingerprint(model) != fingerprint(small_model("b"))
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_model_on_another_device_with_lengths_on_the_cpu(arch):
+    # Batches keeps `lengths` on the CPU (packing reads it there) while everything else moves
+    # to the GPU. With no GPU here, the "meta" device stands in: it raises the same
+    # "not on the expected device" error a CUDA run would.
+    model = build_model(ModelConfig(arch=arch, pretrained=False, vocab_size=100, input_size=64)).to("meta")
+    input_ids = torch.randint(1, 100, (4, 7)).to("meta")
+    lengths = torch.tensor([7, 3, 0, 5])
+    images = torch.empty(4, 75, 75, dtype=torch.uint8, device="meta")
+    features = model.image_features(images)
+    assert model(input_ids, lengths, image_features=features).shape == (4, 7)
+    assert model(input_ids, lengths, images=images).device.type == "meta"
