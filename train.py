@@ -26,7 +26,7 @@ from data import Batches, DataError, atomic_write, autocast, cached_features, lo
     load_text_pool, load_tokenizer, pick_device
 from evaluate import evaluate
 from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
-    describe, load_checkpoint, save_checkpoint
+    check_compatible, describe, load_checkpoint, save_checkpoint
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss",
                "val_accuracy", "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -135,6 +135,7 @@ def build(args, meta, tokenizer, device, run_dir):
     """The model, and the train state when resuming from last.pt."""
     if args.resume:
         model, _, info = load_checkpoint(run_dir / "last.pt", device)
+        check_compatible(info, tokenizer, meta)  # the data may have been prepared again since
         return model, info["train_state"]
     cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]),
                       vocab_size=tokenizer.get_vocab_size(), max_len=meta["max_len"],
