@@ -117,7 +117,11 @@ def load_split(processed_dir, split):
     """All shards of one split concatenated: images uint8 [N,S,S], labels int64 [N],
     input_ids int32 [N,L], lengths int16 [N]. meta.json names the shards: it is written
     last, so a half-written data set is never read."""
-    names = load_meta(processed_dir)["shards"][split]
+    meta = load_meta(processed_dir)
+    if meta.get("version") != FORMAT_VERSION or split not in meta.get("shards", {}):
+        raise DataError(f"{processed_dir}/meta.json is from another version of this project: "
+                        "rerun `python prepare_data.py --force`")
+    names = meta["shards"][split]
     shards = [_load(Path(processed_dir) / name) for name in names]
     keys = ("images", "labels", "input_ids", "lengths")
     return {key: torch.cat([shard[key] for shard in shards]) for key in keys}

@@ -107,7 +107,7 @@ def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, cli
                 lr_at=lambda step: 1.0, step_model=None, desc="train"):
     """One pass over `batches`: returns (predictions, labels, summed loss, next step).
     `step_model` is the compiled model when --compile is on; `model` owns the parameters."""
-    step_model = step_model or model
+    step_model = model if step_model is None else step_model
     model.train()
     loss_sum, preds, labels = 0.0, [], []
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
