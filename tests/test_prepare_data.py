@@ -291,3 +291,12 @@ def test_drop_policy_makes_five_classes(tmp_path, local_data):
     assert load_split(tmp_path / "processed", "test")["labels"].max() == 4
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["counts"]["train"]["Sad"] == 6
     assert torch.equal(load_text_pool(tmp_path / "processed")["labels"].unique(), torch.arange(5))
+
+
+def test_data_from_another_format_version_is_refused(tmp_path, local_data):
+    images, texts, _ = local_data
+    assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(texts)) == 0
+    meta_path = tmp_path / "processed" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "version": 0}))
+    with pytest.raises(data.DataError, match="prepare_data.py --force"):
+        load_split(tmp_path / "processed", "train")
