@@ -33,6 +33,12 @@ EXTRA_COLUMNS = ["Model", "Run", "Checkpoint_Epoch", "Split", "Weighted_F1", "Da
                  "Pretrained", "Finetuned", "Train_Seconds"]
 
 
+def scores(labels, preds):
+    """Accuracy and macro-F1, as training, validation and testing all report them."""
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
+
+
 @torch.no_grad()
 def evaluate(model, batches, mixed_precision=nullcontext()):
     """Loss, accuracy, macro-F1 and the raw predictions of `model` over `batches`.
@@ -48,9 +54,7 @@ def evaluate(model, batches, mixed_precision=nullcontext()):
         labels.append(batch["labels"].cpu())
     logits, labels = torch.cat(logits), torch.cat(labels).numpy()
     preds = logits.argmax(1).numpy()
-    return {"loss": loss_sum / len(labels), "accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-            "preds": preds, "labels": labels, "probs": logits.softmax(1).numpy()}
+    return {"loss": loss_sum / len(labels), **scores(labels, preds), "preds": preds, "labels": labels}
 
 
 def results_row(result, classes, info, checkpoint, split, meta):

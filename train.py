@@ -10,21 +10,20 @@ checkpoints/<run>/{last.pt, best.pt, log.csv, args.json, curves.png}.
 """
 import argparse
 import csv
+import io
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_text_pool, load_tokenizer, pick_device
-from evaluate import evaluate
+from evaluate import evaluate, scores
 from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
     check_compatible, describe, load_checkpoint, save_checkpoint
 
@@ -85,6 +84,15 @@ def lr_factor(step, total_steps, args):
 def write_text(path, text):
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def write_log(path, rows):
+    """log.csv holding `rows`: none for a new run, the checkpointed epochs on a resume."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, out.getvalue())
 
 
 def plot_curves(rows, path):
@@ -211,12 +219,11 @@ def train(args):
         with open(run_dir / "log.csv", newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
         # drop rows of an epoch that was logged but never checkpointed, then keep appending
-        write_text(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n" +
-                     "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in rows))
+        write_log(run_dir / "log.csv", rows)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "args.json", json.dumps(vars(args), indent=2))
-        write_text(run_dir / "log.csv", ",".join(LOG_COLUMNS) + "\n")
+        write_log(run_dir / "log.csv", [])
 
     total_steps = args.epochs * len(train_batches)
     epoch = start_epoch
@@ -228,17 +235,17 @@ def train(args):
                 lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model,
                 desc=f"epoch {epoch}")
             seconds, seen = time.time() - t0, len(labels)
-            val = evaluate(model, val_batches, mixed_precision)
+            val, train_scores = evaluate(model, val_batches, mixed_precision), scores(labels, preds)
             row = {"epoch": epoch, "train_loss": loss_sum / seen,
-                   "train_accuracy": float(np.mean(preds == labels)),
-                   "train_macro_f1": f1_score(labels, preds, average="macro", zero_division=0),
+                   "train_accuracy": train_scores["accuracy"],
+                   "train_macro_f1": train_scores["macro_f1"],
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                    "val_macro_f1": val["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": seen / seconds, "seconds": seconds}
             train_seconds += seconds
             rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
             with open(run_dir / "log.csv", "a", newline="") as f:
-                csv.DictWriter(f, LOG_COLUMNS).writerow(rows[-1])
+                csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n").writerow(rows[-1])
             improved = val["macro_f1"] > best_f1
             best_f1, stale = (val["macro_f1"], 0) if improved else (best_f1, stale + 1)
             print(f"epoch {epoch:3d}/{args.epochs} | train loss {row['train_loss']:.4f} "
