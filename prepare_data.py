@@ -256,10 +256,11 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
     (out / "meta.json").unlink(missing_ok=True)  # the finished-data marker goes first ...
     for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9].pt"):
         old.unlink()
+    encoded = {split: encode_texts(tokenizer, texts[split]["texts"], args.max_len) for split in SPLITS}
     shards, counts = {}, {}
     for split in SPLITS:
         pairs = paired["pairs"][split]
-        input_ids, lengths = encode_texts(tokenizer, texts[split]["texts"], args.max_len)
+        input_ids, lengths = encoded[split]
         rows, text_rows = pairs["image_rows"], pairs["text_rows"]
         shards[split] = []
         for number, start in enumerate(range(0, len(rows), SHARD_SIZE)):
@@ -274,7 +275,7 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
             shards[split].append(name)
         counts[split] = {c: int((pairs["labels"] == i).sum()) for i, c in enumerate(classes)}
         say(f"      {split}: {len(rows)} pairs in {len(shards[split])} shard(s)")
-    input_ids, lengths = encode_texts(tokenizer, texts["train"]["texts"], args.max_len)
+    input_ids, lengths = encoded["train"]  # the pool: every train text, paired or not
     pool_labels = [classes.index(TEXT_TO_CLASS[n]) for n in texts["train"]["labels"]]
     with atomic_write(out / "texts-train.pt") as tmp:
         torch.save({"version": FORMAT_VERSION, "input_ids": input_ids, "lengths": lengths,

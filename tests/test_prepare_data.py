@@ -262,20 +262,19 @@ def test_killed_run_is_not_taken_for_finished(tmp_path, local_data, monkeypatch)
     images, texts, _ = local_data
     args = ["--image-dir", str(images), "--text-csv", str(texts)]
     assert prepare(tmp_path, *args, out="clean") == 0
-    real_encode, calls = prepare_data.encode_texts, []
+    real_atomic_write = prepare_data.atomic_write
 
-    def dies_after_the_train_shard(*args):
-        calls.append(1)
-        if len(calls) == 2:  # the train shard is written, val is next: killed here
+    def dies_after_the_train_shard(path):
+        if path.name == "val-00000.pt":  # the train shard is written, val is next: killed here
             raise KeyboardInterrupt
-        return real_encode(*args)
-    monkeypatch.setattr(prepare_data, "encode_texts", dies_after_the_train_shard)
+        return real_atomic_write(path)
+    monkeypatch.setattr(prepare_data, "atomic_write", dies_after_the_train_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path, *args)
     with pytest.raises(data.DataError):
         load_split(tmp_path / "processed", "train")  # no meta.json: not a finished data set
     assert (tmp_path / "processed" / "train-00000.pt").exists()
-    monkeypatch.setattr(prepare_data, "encode_texts", real_encode)
+    monkeypatch.setattr(prepare_data, "atomic_write", real_atomic_write)
     assert prepare(tmp_path, *args) == 0
     for name in ("train-00000.pt", "val-00000.pt", "test-00000.pt", "texts-train.pt"):
         assert (tmp_path / "processed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
