@@ -13,6 +13,7 @@ slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +40,22 @@ def atomic_write(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path):
+    """The same for a folder: fill the fresh folder it yields; it replaces `path` whole
+    when the block ends without an error, and is removed when it does not."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed half way: start over
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pick_device(name="auto"):

@@ -12,11 +12,9 @@ import csv
 import hashlib
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
-from data import SPLITS, DataError
+from data import SPLITS, DataError, atomic_dir
 import synthetic
 
 KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
@@ -64,19 +62,14 @@ def kaggle_download(slug, raw_dir):
         say(f"      {slug}: downloaded already ({dest})")
         return dest
     api = kaggle_api()
-    tmp = Path(f"{dest}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a download killed half way is started over
-    tmp.mkdir(parents=True)
     say(f"      downloading {slug} ...")
-    try:
-        api.dataset_download_files(slug, path=str(tmp), unzip=True, quiet=False)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"download of {slug} failed ({type(err).__name__}: {err}); "
-                        "check the network and your Kaggle credentials") from None
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    marker.write_text(slug + "\n")
+    with atomic_dir(dest) as tmp:
+        try:
+            api.dataset_download_files(slug, path=str(tmp), unzip=True, quiet=False)
+        except Exception as err:
+            raise DataError(f"download of {slug} failed ({type(err).__name__}: {err}); "
+                            "check the network and your Kaggle credentials") from None
+        (tmp / marker.name).write_text(slug + "\n")
     return dest
 
 
@@ -90,13 +83,10 @@ def synthetic_raw(raw_dir, seed, images_per_class, texts):
     if marker.exists() and marker.read_text() == key:
         say(f"      synthetic raw data generated already ({dest})")
     else:
-        tmp = Path(f"{dest}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
         say(f"      generating {sum(images_per_class) * 7} faces and {texts} sentences ...")
-        synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        marker.write_text(key)
+        with atomic_dir(dest) as tmp:
+            synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts)
+            (tmp / marker.name).write_text(key)
     return dest / "images", dest / "texts.csv"
 
 
