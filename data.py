@@ -77,22 +77,6 @@ def autocast(device, amp="auto"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), dtype
 
 
-def read_image(path, size):
-    """Any image Pillow opens (color or gray, PNG/JPEG/WebP, any size) -> uint8 [size, size].
-    The one way images enter the project: prepare_data.py and demo.py both use it."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L")  # stored modes vary (L, RGB, P): always one channel
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path} is not an image Pillow can read ({err})") from None
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
-
-
 def encode_texts(tokenizer, texts, max_len):
     """Tokenize sentences -> input_ids int32 [N, max_len] (0 = pad, right-padded), lengths int16 [N]."""
     encodings = tokenizer.encode_batch(list(texts))

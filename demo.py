@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, atomic_write, encode_texts, load_split, pick_device, read_image
+from data import DataError, atomic_write, encode_texts, load_split, pick_device
+from images import read_image
 from models import CheckpointError, load_checkpoint
 
 

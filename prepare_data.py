@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, atomic_write, encode_texts, read_image
+from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, atomic_write, encode_texts
+from images import read_image
 from sources import KAGGLE_IMAGES, KAGGLE_TEXTS, TEXT_TO_CLASS, digest, find_image_root, \
     kaggle_download, list_images, read_texts, say, synthetic_raw
 
