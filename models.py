@@ -199,8 +199,11 @@ class EmotionModel(nn.Module):
         """uint8 (B, S, S) -> {"pooled": (B, 512)[, "regions": (B, HW, 512)]}."""
         return self.image_encoder(images)
 
-    def forward(self, input_ids, lengths, images=None, image_features=None) -> torch.Tensor:
-        """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features."""
+    def forward(self, input_ids, lengths, images=None, image_features=None, return_attention=False):
+        """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features.
+        -> logits (B, C); with return_attention, (logits, attention) where attention is Model B's
+        cross-attention weights (B, L, R) over the R image regions, the mean over heads (each
+        real token's row sums to 1), or None for a model without cross-attention."""
         if (images is None) == (image_features is None):
             raise ValueError("pass exactly one of images= or image_features=")
         if images is not None:
@@ -210,8 +213,9 @@ class EmotionModel(nn.Module):
             features = {name: value.to(dtype) for name, value in image_features.items()}
         if input_ids.shape[1] == 0:  # a batch of empty texts trimmed to its longest row
             input_ids = input_ids.new_zeros(input_ids.shape[0], 1)
-        text = self.text_vector(input_ids, lengths, features)  # (B, T), zero for an empty text
-        return self.head(torch.cat([features["pooled"], text], dim=1))  # (B, C)
+        text, attention = self.text_vector(input_ids, lengths, features, need_weights=return_attention)  # (B, T)
+        logits = self.head(torch.cat([features["pooled"], text], dim=1))  # (B, C)
+        return (logits, attention) if return_attention else logits
 
 
 class ModelA(EmotionModel):
@@ -224,8 +228,8 @@ class ModelA(EmotionModel):
         self.head = nn.Sequential(nn.Linear(IMAGE_DIM + cfg.gru_hidden, 1024), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(1024, cfg.num_classes))
 
-    def text_vector(self, input_ids, lengths, features):
-        return self.text_encoder(input_ids, lengths)  # (B, H)
+    def text_vector(self, input_ids, lengths, features, need_weights=False):
+        return self.text_encoder(input_ids, lengths), None  # (B, H), no attention
 
 
 class ModelB(EmotionModel):
@@ -242,7 +246,7 @@ class ModelB(EmotionModel):
         dropout = 0.2 if cfg.dropout is None else cfg.dropout
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(IMAGE_DIM + cfg.d_model, cfg.num_classes))
 
-    def text_vector(self, input_ids, lengths, features):
+    def text_vector(self, input_ids, lengths, features, need_weights=False):
         lengths = lengths.to(input_ids.device)  # callers keep lengths on the CPU for packing
         real = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths.unsqueeze(1)  # (B, L)
         # An empty text would mask every key and softmax would give NaN: let it attend to its
@@ -250,11 +254,12 @@ class ModelB(EmotionModel):
         attended = real.clone()
         attended[:, 0] = True
         text = self.text_encoder(input_ids, ~attended)  # (B, L, D)
+        attention = None
         if self.cfg.cross_attention:
             regions = self.region_projection(features["regions"]) + self.region_position.weight  # (B, R, D)
-            text, _ = self.cross_attention(text, regions)  # (B, L, D)
+            text, attention = self.cross_attention(text, regions, need_weights=need_weights)  # (B, L, D), (B, L, R)
         weights = real.unsqueeze(2).to(text.dtype)  # (B, L, 1)
-        return (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D), zero for an empty text
+        return (text * weights).sum(1) / weights.sum(1).clamp(min=1), attention  # (B, D), zero for an empty text
 
 
 def build_model(cfg: ModelConfig) -> EmotionModel:
@@ -370,10 +375,19 @@ def load_checkpoint(path, device="cpu"):
 
 
 def check_compatible(info: dict, data_tokenizer, meta: dict) -> None:
-    """Refuse a checkpoint whose classes or token ids mean something else in this data set."""
+    """Refuse a checkpoint whose classes, token ids, image size or sequence length mean
+    something else in this data set."""
     if list(info["classes"]) != list(meta["classes"]):
         raise CheckpointError(f"checkpoint classes {info['classes']} differ from the data's {meta['classes']} "
                               "(meta.json): use the data the model was trained on, or retrain")
     if tokenizers.Tokenizer.from_str(info["tokenizer"]).get_vocab() != data_tokenizer.get_vocab():
         raise CheckpointError("the checkpoint's tokenizer differs from the data's tokenizer.json: "
                               "use the data the model was trained on, or retrain")
+    if info["image_size"] != meta["image_size"]:
+        raise CheckpointError(f"the checkpoint was trained on {info['image_size']}px images, the data has "
+                              f"{meta['image_size']}px (meta.json): prepare the data with "
+                              f"--image-size {info['image_size']}, or retrain")
+    if info["config"]["max_len"] != meta["max_len"]:
+        raise CheckpointError(f"the checkpoint reads texts of up to {info['config']['max_len']} tokens, the data "
+                              f"holds up to {meta['max_len']} (meta.json): prepare the data with "
+                              f"--max-len {info['config']['max_len']}, or retrain")

@@ -131,7 +131,7 @@ def test_empty_text_gives_a_zero_text_vector(arch):
     empty = torch.zeros(4, dtype=torch.int16)
     with torch.no_grad():
         features = model.image_features(images)
-        text = model.text_vector(torch.zeros_like(ids), empty, features)
+        text, _ = model.text_vector(torch.zeros_like(ids), empty, features)
         assert torch.equal(text, torch.zeros_like(text))
         all_pad = model(torch.zeros_like(ids), empty, image_features=features)
         no_tokens = model(ids[:, :0], empty, image_features=features)  # a batch trimmed to length 0
@@ -250,18 +250,38 @@ def test_bad_checkpoints_get_one_clear_line(tmp_path):
         assert "\n" not in str(caught.value) and str(target) in str(caught.value), name
 
 
-def test_check_compatible_refuses_other_classes_and_tokenizers(tmp_path):
-    save(tmp_path / "best.pt", small_model("a"))
+def test_check_compatible_refuses_other_classes_tokenizers_sizes_and_lengths(tmp_path):
+    save(tmp_path / "best.pt", small_model("b"))
     _, _, info = models.load_checkpoint(tmp_path / "best.pt")
     same = Tokenizer.from_str(tokenizer_json())
-    models.check_compatible(info, same, {"classes": CLASSES})
+    meta = {"classes": CLASSES, "image_size": 75, "max_len": 16}
+    models.check_compatible(info, same, meta)
     five = ["Angry", "Fear", "Happy", "Sad", "Surprise"]
     with pytest.raises(CheckpointError, match="classes"):
-        models.check_compatible(info, same, {"classes": five})
+        models.check_compatible(info, same, meta | {"classes": five})
     other_vocab = {"[PAD]": 0, "[UNK]": 1} | {f"v{i}": i for i in range(2, VOCAB)}
     other = Tokenizer(WordPiece(other_vocab, unk_token="[UNK]"))
     with pytest.raises(CheckpointError, match="tokenizer"):
-        models.check_compatible(info, other, {"classes": CLASSES})
+        models.check_compatible(info, other, meta)
+    with pytest.raises(CheckpointError, match="--image-size 75"):
+        models.check_compatible(info, same, meta | {"image_size": 100})
+    # Longer sequences than Model B's position table: one line, not a ValueError from inside the model.
+    with pytest.raises(CheckpointError, match="--max-len 16"):
+        models.check_compatible(info, same, meta | {"max_len": 64})
+
+
+def test_model_b_returns_its_attention_over_regions_for_every_real_token():
+    model = small_model("b").eval()
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        logits, attention = model(ids, lengths, images=images, return_attention=True)
+        plain = model(ids, lengths, images=images)
+    assert torch.allclose(logits, plain, atol=1e-5)  # need_weights takes the unfused kernel
+    assert attention.shape == (4, ids.shape[1], 4)  # 64 px input: a 2x2 region grid
+    for row, length in enumerate(lengths.tolist()):
+        assert torch.allclose(attention[row, :length].sum(-1), torch.ones(length), atol=1e-5)
+    with torch.no_grad():
+        assert small_model("a").eval()(ids, lengths, images=images, return_attention=True)[1] is None
 
 
 def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatch):
