@@ -1,35 +1,62 @@
-# The real path on a GPU box with Kaggle credentials:   make data train eval   (MODEL=a|b)
+# The real path on a GPU box with Kaggle credentials:   make data train eval   (MODEL=a|b, NPROC=N GPUs)
 # A fresh machine, no GPU, no data:                     make quickstart ; make test
-PYTHON ?= python
+#
+# Which Python: PYTHON=... when given; else the active virtual environment or conda
+# environment; else .venv, created with python3 on first use (a stock Debian/Ubuntu has
+# no `python` and its system pip refuses to install: PEP 668).
+ifeq ($(origin PYTHON),undefined)
+  ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+    PYTHON := python
+  else
+    PYTHON := .venv/bin/python
+    SETUP := .venv/installed
+  endif
+endif
 SOURCE ?= kaggle
 MODEL ?= b
+NPROC ?= 1
 ARGS ?=
 IMAGE ?=
 TEXT ?=
 QUICK := data/synthetic
 QUICK_TRAIN := --data $(QUICK)/processed --no-pretrained --input-size 112 --epochs 8 --lr 5e-4 --warmup 100 --overwrite
+ifeq ($(NPROC),1)
+  TRAIN := $(PYTHON) train.py
+else
+  TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
+endif
 
 .PHONY: install data train eval demo bench test quickstart clean
 
+# .venv: made once, and the requirements installed again whenever requirements.txt changes.
+.venv/installed: requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv || { echo "error: 'python3 -m venv' failed: install it (Debian/Ubuntu: sudo apt install python3-venv) or activate an environment" >&2; exit 2; }
+	.venv/bin/python -m pip install --quiet --requirement requirements.txt
+	touch $@
+
+ifdef SETUP
+install: $(SETUP)
+else
 install:
 	$(PYTHON) -m pip install --quiet --requirement requirements.txt
+endif
 
-data:
+data: $(SETUP)
 	$(PYTHON) prepare_data.py --source $(SOURCE)
 
-train:
-	$(PYTHON) train.py --model $(MODEL) $(ARGS)
+train: $(SETUP)
+	$(TRAIN) --model $(MODEL) $(ARGS)
 
-eval:
+eval: $(SETUP)
 	$(PYTHON) evaluate.py --checkpoint checkpoints/model_$(MODEL)/best.pt --ablate
 
-demo:
+demo: $(SETUP)
 	$(PYTHON) demo.py --image "$(IMAGE)" --text "$(TEXT)"
 
-bench:
+bench: $(SETUP)
 	$(PYTHON) bench.py
 
-test:
+test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
 # Synthetic data, both models trained briefly on a random trunk (no download), a
