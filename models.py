@@ -12,6 +12,8 @@ ImageNet ResNet-18 trunk, frozen by default. Model A reads the text with a GRU
 and concatenates; Model B reads it with a Transformer encoder whose tokens
 attend over the 7x7 grid of ResNet region tokens (the reference attended to a
 single pooled vector, where softmax over one key is always 1).
+`ModelConfig(modality="image"|"text")` builds the same branch and head on one
+input alone: the single-modality baselines that fusion is measured against.
 """
 import dataclasses
 import hashlib
@@ -64,6 +66,8 @@ class ModelConfig:
     text_dropout: float = 0.1  # B: inside the Transformer and the cross-attention block
     dropout: float | None = None  # head dropout; None -> 0.5 for A, 0.2 for B (the reference)
     cross_attention: bool = True  # B: False is the reference's ablation (plain concat)
+    modality: str = "both"     # "both" | "image" | "text": a single-modality baseline builds one branch
+    augment: bool = False      # random views of each face in training mode (random_views); never in eval
 
 
 def one_line(err: BaseException, limit: int = 200) -> str:
@@ -88,6 +92,45 @@ def resnet18_trunk(pretrained: bool) -> nn.Sequential:
                          resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
 
 
+def random_views(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Training augmentation, one batched resample: gray (B, 1, S, S) in [0, 1] -> (B, 1, size, size).
+
+    Each face gets its own random square crop of 80-100 % of its area at a random position, a
+    rotation within +-10 degrees and a horizontal flip (p 0.5); then, with p 0.25, a random
+    rectangle (2-33 % of the area, aspect 0.3-3.3, as torchvision's RandomErasing) is erased.
+    Crop, rotation, flip and the resize to the trunk's input are one affine map, so the face is
+    resampled once, bilinearly like the evaluation resize, which it equals at zero parameters.
+    It runs on the unnormalized single gray channel: a third of the work of the 3 normalized
+    channels, and its fill values are pixel values.
+    """
+    batch = x.shape[0]
+    u = torch.rand(batch, 10, device=x.device)  # (B, 10): torch's global generator of the device
+    side = (0.8 + 0.2 * u[:, 0]).sqrt()  # crop side / image side
+    angle = (2 * u[:, 1] - 1) * math.radians(10)
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    shift = (2 * u[:, 3:5] - 1) * (1 - side).unsqueeze(1)  # (B, 2) crop centre; the crop stays inside
+    cos, sin = side * angle.cos(), side * angle.sin()
+    # theta maps output to input coordinates in [-1, 1]: scale * rotation * flip, then the shift.
+    theta = torch.stack([torch.stack([flip * cos, -sin, shift[:, 0]], 1),
+                         torch.stack([flip * sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)  # (B, size, size, 2)
+    # Reflection fills the corners a rotation brings in with the face's own edge rather than black,
+    # and clamps the outer half pixel exactly as F.interpolate does.
+    x = F.grid_sample(x, grid, mode=RESIZE_MODE, padding_mode="reflection", align_corners=False)
+
+    area = 0.02 + 0.31 * u[:, 5]
+    aspect = (math.log(3.3) * (2 * u[:, 6] - 1)).exp()  # height / width, log-uniform
+    height, width = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    top, left = u[:, 7] * (1 - height), u[:, 8] * (1 - width)  # fractions of the side
+    centres = (torch.arange(size, device=x.device) + 0.5) / size  # (size,) pixel centres in [0, 1]
+    rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # (B, size)
+    columns = (centres >= left[:, None]) & (centres < (left + width)[:, None])  # (B, size)
+    erased = rows[:, :, None] & columns[:, None, :] & (u[:, 9] < 0.25)[:, None, None]  # (B, size, size)
+    # Filled with the face's mean: a black or noise patch would shift the batch statistics that a
+    # fine-tuned trunk's BatchNorm learns from.
+    return torch.where(erased.unsqueeze(1), x.mean(dim=(2, 3), keepdim=True), x)
+
+
 class ImageEncoder(nn.Module):
     """uint8 gray faces -> pooled vector (and region tokens). Preprocessing lives here, on the
     device, so training, evaluation, the demo and the feature cache cannot preprocess differently."""
@@ -97,6 +140,7 @@ class ImageEncoder(nn.Module):
         self.input_size = cfg.input_size
         self.regions = regions  # only models that attend to the grid need (and cache) it
         self.frozen = not cfg.finetune
+        self.augment = cfg.augment
         self.trunk = resnet18_trunk(cfg.pretrained)
         # Constants, not weights: kept out of the state dict, but part of the feature fingerprint.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -116,9 +160,16 @@ class ImageEncoder(nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 3:
             raise ValueError(f"images must be uint8 (B, S, S), got {images.dtype} {tuple(images.shape)}")
         x = images.unsqueeze(1).to(self.mean.dtype) / 255  # (B, 1, S, S) in [0, 1]
-        size = (self.input_size, self.input_size)
-        x = F.interpolate(x, size=size, mode=RESIZE_MODE, align_corners=False)  # (B, 1, s, s)
+        if self.augment and self.training:
+            x = random_views(x, self.input_size)  # (B, 1, s, s)
+        else:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode=RESIZE_MODE, align_corners=False)
         x = (x - self.mean) / self.std  # (B, 3, s, s): gray copied to 3 channels, each with its own statistics
+        if x.is_cuda:
+            # cuDNN runs a convolution NHWC when its input or weight is (cudnn_conv_suggest_memory_format
+            # in ATen/native/ConvUtils.h) and returns NHWC, which BatchNorm, ReLU and pooling keep:
+            # one conversion here makes the whole trunk channels_last, faster on tensor cores.
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad() if self.frozen else nullcontext():
             grid = self.trunk(x)  # (B, 512, h, w), h = w = ceil(s / 32): 7 at 224
         features = {"pooled": grid.mean(dim=(2, 3))}  # (B, 512), the trunk's own avgpool
@@ -188,33 +239,48 @@ class RegionCrossAttention(nn.Module):
 
 class EmotionModel(nn.Module):
     """What A and B share: the image branch, the images-or-features forward, the head input.
-    A subclass sets `self.head` (its last layer a Linear) and `text_vector()`."""
+    A subclass sets `self.head` (its last layer a Linear) and `text_vector()`. A single-modality
+    model (cfg.modality "image" or "text") builds one branch only and its head reads that one vector."""
 
     def __init__(self, cfg: ModelConfig, regions: bool):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg, regions)
+        self.uses_image, self.uses_text = cfg.modality != "text", cfg.modality != "image"
+        self.image_encoder = ImageEncoder(cfg, regions) if self.uses_image else None
+
+    def head_width(self, text_dim: int) -> int:
+        """Width of the head's input: the pooled image vector and/or the text vector."""
+        return (IMAGE_DIM if self.uses_image else 0) + (text_dim if self.uses_text else 0)
 
     def image_features(self, images: torch.Tensor) -> dict:
         """uint8 (B, S, S) -> {"pooled": (B, 512)[, "regions": (B, HW, 512)]}."""
+        if not self.uses_image:
+            raise ValueError("a text-only model (modality 'text') has no image branch and no image features")
         return self.image_encoder(images)
 
     def forward(self, input_ids, lengths, images=None, image_features=None, return_attention=False):
         """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features.
         -> logits (B, C); with return_attention, (logits, attention) where attention is Model B's
         cross-attention weights (B, L, R) over the R image regions, the mean over heads (each
-        real token's row sums to 1), or None for a model without cross-attention."""
-        if (images is None) == (image_features is None):
-            raise ValueError("pass exactly one of images= or image_features=")
-        if images is not None:
-            features = self.image_features(images)
-        else:  # a cache may hold float16: compute in the parameters' dtype
-            dtype = self.head[-1].weight.dtype
-            features = {name: value.to(dtype) for name, value in image_features.items()}
-        if input_ids.shape[1] == 0:  # a batch of empty texts trimmed to its longest row
-            input_ids = input_ids.new_zeros(input_ids.shape[0], 1)
-        text, attention = self.text_vector(input_ids, lengths, features, need_weights=return_attention)  # (B, T)
-        logits = self.head(torch.cat([features["pooled"], text], dim=1))  # (B, C)
+        real token's row sums to 1), or None for a model without cross-attention.
+        A text-only model ignores the image arguments, an image-only model the text: the same
+        batches serve every modality."""
+        features, vectors, attention = None, [], None
+        if self.uses_image:
+            if (images is None) == (image_features is None):
+                raise ValueError("pass exactly one of images= or image_features=")
+            if images is not None:
+                features = self.image_features(images)
+            else:  # a cache may hold float16: compute in the parameters' dtype
+                dtype = self.head[-1].weight.dtype
+                features = {name: value.to(dtype) for name, value in image_features.items()}
+            vectors.append(features["pooled"])  # (B, 512)
+        if self.uses_text:
+            if input_ids.shape[1] == 0:  # a batch of empty texts trimmed to its longest row
+                input_ids = input_ids.new_zeros(input_ids.shape[0], 1)
+            text, attention = self.text_vector(input_ids, lengths, features, need_weights=return_attention)
+            vectors.append(text)  # (B, T)
+        logits = self.head(torch.cat(vectors, dim=1))  # (B, C)
         return (logits, attention) if return_attention else logits
 
 
@@ -223,9 +289,10 @@ class ModelA(EmotionModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, regions=False)
-        self.text_encoder = GRUTextEncoder(cfg)
+        if self.uses_text:
+            self.text_encoder = GRUTextEncoder(cfg)
         dropout = 0.5 if cfg.dropout is None else cfg.dropout
-        self.head = nn.Sequential(nn.Linear(IMAGE_DIM + cfg.gru_hidden, 1024), nn.ReLU(), nn.Dropout(dropout),
+        self.head = nn.Sequential(nn.Linear(self.head_width(cfg.gru_hidden), 1024), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(1024, cfg.num_classes))
 
     def text_vector(self, input_ids, lengths, features, need_weights=False):
@@ -236,15 +303,18 @@ class ModelB(EmotionModel):
     """Transformer text tokens attend over the region grid; masked mean; + pooled image -> head."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, regions=cfg.cross_attention)
-        self.text_encoder = TransformerTextEncoder(cfg)
-        if cfg.cross_attention:
+        attends = cfg.cross_attention and cfg.modality == "both"  # one input alone has nothing to attend to
+        super().__init__(cfg, regions=attends)
+        self.attends = attends
+        if self.uses_text:
+            self.text_encoder = TransformerTextEncoder(cfg)
+        if attends:
             grid = math.ceil(cfg.input_size / 32)  # each of the trunk's 5 stride-2 steps rounds up
             self.region_projection = nn.Linear(IMAGE_DIM, cfg.d_model)
             self.region_position = nn.Embedding(grid * grid, cfg.d_model)  # where on the face a region is
             self.cross_attention = RegionCrossAttention(cfg)
         dropout = 0.2 if cfg.dropout is None else cfg.dropout
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(IMAGE_DIM + cfg.d_model, cfg.num_classes))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.head_width(cfg.d_model), cfg.num_classes))
 
     def text_vector(self, input_ids, lengths, features, need_weights=False):
         lengths = lengths.to(input_ids.device)  # callers keep lengths on the CPU for packing
@@ -255,7 +325,7 @@ class ModelB(EmotionModel):
         attended[:, 0] = True
         text = self.text_encoder(input_ids, ~attended)  # (B, L, D)
         attention = None
-        if self.cfg.cross_attention:
+        if self.attends:
             regions = self.region_projection(features["regions"]) + self.region_position.weight  # (B, R, D)
             text, attention = self.cross_attention(text, regions, need_weights=need_weights)  # (B, L, D), (B, L, R)
         weights = real.unsqueeze(2).to(text.dtype)  # (B, L, 1)
@@ -265,7 +335,33 @@ class ModelB(EmotionModel):
 def build_model(cfg: ModelConfig) -> EmotionModel:
     if cfg.arch not in ("a", "b"):
         raise ValueError(f"unknown arch {cfg.arch!r}: expected 'a' or 'b'")
+    if cfg.modality not in ("both", "image", "text"):
+        raise ValueError(f"unknown modality {cfg.modality!r}: expected 'both', 'image' or 'text'")
     return ModelA(cfg) if cfg.arch == "a" else ModelB(cfg)
+
+
+def default_backbone_lr_scale(cfg: ModelConfig) -> float:
+    """The trunk's learning rate / the head's when fine-tuning: ImageNet weights want a gentler step
+    than a fresh head (0.1); a random trunk at a tenth of the rate barely moves (1.0)."""
+    return 0.1 if cfg.pretrained else 1.0
+
+
+def parameter_groups(model: EmotionModel, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: the trunk (image_encoder.*) at lr * backbone_lr_scale,
+    the rest at lr; weight decay only on weight matrices and kernels, never on biases, norm scales
+    and shifts (the 1-D parameters) or embeddings, whose pull to zero helps nothing. Each group holds
+    `base_lr`, which a schedule scales; the head's groups come first."""
+    groups = {"head": [], "head no decay": [], "trunk": [], "trunk no decay": []}
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(prefix=module_name, recurse=False):
+            if parameter.requires_grad:
+                part = "trunk" if name.startswith("image_encoder.") else "head"
+                decay = parameter.ndim >= 2 and not isinstance(module, nn.Embedding)
+                groups[part if decay else f"{part} no decay"].append(parameter)
+    return [{"name": key, "params": params, "weight_decay": 0.0 if key.endswith("no decay") else weight_decay,
+             "base_lr": lr * backbone_lr_scale if key.startswith("trunk") else lr,
+             "lr": lr * backbone_lr_scale if key.startswith("trunk") else lr}
+            for key, params in groups.items() if params]
 
 
 def parameter_counts(model: EmotionModel) -> tuple[int, int]:
@@ -278,13 +374,21 @@ def parameter_counts(model: EmotionModel) -> tuple[int, int]:
 def describe(model: EmotionModel) -> str:
     """One line for the start of a run."""
     trainable, frozen = parameter_counts(model)
-    trunk = "frozen ResNet-18 trunk" if model.image_encoder.frozen else "ResNet-18 trunk fine-tuned"
-    return f"{trainable:,} trainable parameters, {frozen:,} frozen ({trunk})"
+    encoder = model.image_encoder
+    if encoder is None:
+        image = "text only, no image branch"
+    else:
+        image = "frozen ResNet-18 trunk" if encoder.frozen else "ResNet-18 trunk fine-tuned"
+        image += (", augmented" if encoder.augment else "") + ("" if model.uses_text else ", image only")
+    return f"{trainable:,} trainable parameters, {frozen:,} frozen ({image})"
 
 
 def feature_fingerprint(model: EmotionModel) -> str:
-    """sha256 of everything image features depend on: trunk weights, preprocessing, feature kinds."""
+    """sha256 of everything image features depend on: trunk weights, preprocessing, feature kinds.
+    Training-mode augmentation is not among them: features are computed in eval mode."""
     encoder = model.image_encoder
+    if encoder is None:
+        raise ValueError("a text-only model (modality 'text') has no image features to fingerprint")
     digest = hashlib.sha256()
     preprocessing = {"input_size": encoder.input_size, "mean": encoder.mean.flatten().tolist(),
                      "std": encoder.std.flatten().tolist(), "resize": RESIZE_MODE, "align_corners": False,

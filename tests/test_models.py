@@ -1,5 +1,6 @@
 """Tests for models.py: shapes, a frozen trunk that stays frozen, cached == uncached,
-padding invariance, region attention, checkpoints, the offline pretrained error.
+padding invariance, region attention, checkpoints, the offline pretrained error,
+single-modality models, training augmentation, parameter groups, channels_last on CUDA.
 
     python -m pytest tests/test_models.py -q
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 
@@ -66,10 +68,11 @@ def test_logits_shape_and_parameter_counts(arch):
     assert line.startswith(f"{trainable:,} trainable") and f"{frozen:,} frozen" in line and "\n" not in line
     finetuned = small_model(arch, finetune=True)
     assert models.parameter_counts(finetuned) == (trainable + frozen, 0)
+    assert "text only" in models.describe(small_model(arch, modality="text"))
 
 
 @pytest.mark.parametrize("arch", ["a", "b"])
-def test_frozen_trunk_stays_frozen(arch):
+def test_frozen_trunk_stays_put_and_a_fine_tuned_one_moves(arch):
     model = small_model(arch).train()
     trunk = model.image_encoder.trunk
     batch_norms = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -82,10 +85,19 @@ def test_frozen_trunk_stays_frozen(arch):
     assert torch.equal(batch_norms[0].running_mean, statistics)
     assert model.head[-1].weight.grad is not None and model.head[-1].weight.grad.abs().sum() > 0
 
+    # One optimizer step with the fine-tuning groups: trunk weights and BatchNorm statistics move.
     finetuned = small_model(arch, finetune=True).train()
     assert all(m.training for m in finetuned.image_encoder.trunk.modules())
+    batch_norms = [m for m in finetuned.image_encoder.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in batch_norms]
+    kernel = finetuned.image_encoder.trunk[0].weight.detach().clone()
+    optimizer = torch.optim.AdamW(models.parameter_groups(finetuned, 1e-3, 0.01, backbone_lr_scale=0.1))
     finetuned(ids, lengths, images=images).sum().backward()
     assert all(p.grad is not None for p in trunk_parameters(finetuned))
+    optimizer.step()
+    assert all(not torch.equal(m.running_mean, mean) and not torch.equal(m.running_var, var)
+               for m, (mean, var) in zip(batch_norms, before))
+    assert not torch.equal(finetuned.image_encoder.trunk[0].weight, kernel)
 
 
 @pytest.mark.parametrize("arch", ["a", "b"])
@@ -308,6 +320,10 @@ def test_feature_fingerprint_tracks_trunk_and_preprocessing():
     assert fingerprint(model) != fingerprint(small_model("b", input_size=96))
     assert fingerprint(model) != fingerprint(small_model("a"))  # pooled only vs pooled + regions
     assert fingerprint(model) != fingerprint(small_model("b", seed=1))
+    assert fingerprint(model) == fingerprint(small_model("b", augment=True))  # features are eval-mode
+    assert fingerprint(small_model("b", modality="image")) == fingerprint(small_model("a"))  # pooled only
+    with pytest.raises(ValueError, match="text-only"):
+        fingerprint(small_model("b", modality="text"))
     with torch.no_grad():
         model.image_encoder.trunk[0].weight[0, 0, 0, 0] += 1e-3
     assert fingerprint(model) != fingerprint(small_model("b"))
@@ -325,3 +341,137 @@ def test_model_on_another_device_with_lengths_on_the_cpu(arch):
     features = model.image_features(images)
     assert model(input_ids, lengths, image_features=features).shape == (4, 7)
     assert model(input_ids, lengths, images=images).device.type == "meta"
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_image_only_model_ignores_the_text(arch):
+    model = small_model(arch, modality="image").eval()
+    assert not any(name.startswith(("text_encoder", "cross_attention", "region_")) for name, _ in
+                   model.named_parameters())
+    assert model.head[0 if arch == "a" else 1].in_features == 512  # the pooled image vector alone
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        features = model.image_features(images)
+        logits = model(ids, lengths, images=images)
+        other_text = model(torch.randint(1, VOCAB, (4, 3)), torch.tensor([3, 0, 2, 1]), image_features=features)
+        logits_b, attention = model(ids, lengths, images=images.roll(1, 0), return_attention=True)
+    assert set(features) == {"pooled"}  # Model B caches no region tokens for an image-only run
+    assert torch.allclose(logits, other_text, atol=1e-5) and attention is None
+    assert (logits_b - logits).abs().max() > 1e-3  # the image is read
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_text_only_model_ignores_the_image_and_has_no_trunk(arch):
+    model = small_model(arch, modality="text").eval()
+    assert model.image_encoder is None and models.parameter_counts(model)[1] == 0
+    assert not any(name.startswith(("image_encoder", "cross_attention", "region_")) for name, _ in
+                   model.named_parameters())
+    assert model.head[0 if arch == "a" else 1].in_features == 64  # the text vector alone
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        logits = model(ids, lengths)
+        assert torch.equal(model(ids, lengths, images=images), logits)
+        assert torch.equal(model(ids, lengths, images=images.roll(1, 0), image_features={}), logits)
+        assert (model(ids.roll(1, 0), lengths.roll(1, 0)) - logits).abs().max() > 1e-3  # the text is read
+    with pytest.raises(ValueError, match="text-only model"):
+        model.image_features(images)
+    with pytest.raises(ValueError, match="unknown modality 'audio'"):
+        build_model(small_config(arch, modality="audio"))
+
+
+def test_augmentation_gives_each_training_face_its_own_view_and_leaves_evaluation_alone():
+    augmented, plain = small_model("a", augment=True), small_model("a")
+    encoder = augmented.image_encoder
+    seen = []
+    encoder.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids, lengths, images = batch(size=8)
+    same_face = images[:1].expand(8, -1, -1)
+    encoder.train()(same_face)
+    encoder.eval()(same_face)
+    trained, evaluated = seen
+    assert trained.shape == evaluated.shape == (8, 3, 64, 64)
+    assert all((trained[i] - trained[j]).abs().max() > 0.1 for i in range(8) for j in range(i))  # per-sample views
+    assert all(torch.equal(evaluated[i], evaluated[0]) for i in range(8))
+    # The random draws come from torch's global generator: restoring its state replays them.
+    state = torch.get_rng_state()
+    first = encoder.train()(images)["pooled"]
+    torch.set_rng_state(state)
+    assert torch.equal(encoder(images)["pooled"], first)
+    with torch.no_grad():
+        assert torch.equal(augmented.eval()(ids, lengths, images=images), plain.eval()(ids, lengths, images=images))
+
+
+def test_random_views_at_chosen_parameters(monkeypatch):
+    """Zero parameters give the evaluation resize exactly; a flip is a mirror; an erased
+    rectangle sits where its parameters say and holds the face's mean."""
+    x = torch.rand(2, 1, 75, 75, generator=torch.Generator().manual_seed(0))
+    resized = F.interpolate(x, size=(96, 96), mode="bilinear", align_corners=False)
+    # columns: crop scale, angle, flip, shift x, shift y, erase area, aspect, top, left, erase
+    identity = torch.tensor([1.0, 0.5, 1.0, 0.5, 0.5, 0.0, 0.5, 0.0, 0.0, 1.0])
+    parameters = torch.stack([identity, identity])
+    monkeypatch.setattr(torch, "rand", lambda *shape, device=None: parameters.clone())
+    assert torch.allclose(models.random_views(x, 96), resized, atol=1e-5)
+    parameters[1, 2] = 0.0  # flip the second face
+    views = models.random_views(x, 96)
+    assert torch.allclose(views[0], resized[0], atol=1e-5) and torch.allclose(views[1], resized[1].flip(-1), atol=1e-5)
+    parameters[:, 2], parameters[0, 9] = 1.0, 0.0  # erase from the first face 25 % of the area, a square at the top left
+    parameters[0, 5] = (0.25 - 0.02) / 0.31
+    views = models.random_views(x, 96)
+    assert torch.allclose(views[0, :, :48, :48], resized[0].mean().expand(1, 48, 48), atol=1e-5)
+    assert torch.allclose(views[0, :, 48:], resized[0, :, 48:], atol=1e-5)
+    assert torch.allclose(views[1], resized[1], atol=1e-5)
+
+
+def test_trunk_is_fed_channels_last_on_cuda():
+    # No GPU here: fake CUDA tensors carry the strides the CUDA kernels would produce (the fake
+    # convolution picks the memory format as cuDNN does), without memory or a device.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(), torch.device("cuda"):
+        encoder = models.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
+        seen = []
+        encoder.trunk.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+        features = encoder(torch.empty(4, 75, 75, dtype=torch.uint8))
+    trunk_input, grid = seen[0]
+    assert trunk_input.is_cuda and trunk_input.is_contiguous(memory_format=torch.channels_last)
+    assert grid.is_contiguous(memory_format=torch.channels_last)  # every layer ran NHWC
+    assert features["regions"].shape == (4, 4, 512)
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_parameter_groups_decay_only_matrices_and_slow_the_trunk(arch):
+    model = small_model(arch, finetune=True)
+    groups = models.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    assert [g["name"] for g in groups] == ["head", "head no decay", "trunk", "trunk no decay"]
+    where = {id(p): g for g in groups for p in g["params"]}
+    assert len(where) == sum(len(g["params"]) for g in groups)  # no parameter twice
+    assert len(where) == len([p for p in model.parameters() if p.requires_grad])  # none left out
+    undecayed = (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.Embedding)
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            group = where[id(parameter)]
+            assert group["weight_decay"] == (0.0 if isinstance(module, undecayed) or "bias" in name else 0.05), name
+    for group in groups:
+        trunk = group["name"].startswith("trunk")
+        assert group["lr"] == group["base_lr"] == pytest.approx(1e-4 if trunk else 1e-3)
+        assert all((id(p) in {id(q) for q in trunk_parameters(model)}) == trunk for p in group["params"])
+    frozen = models.parameter_groups(small_model(arch), lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    assert [g["name"] for g in frozen] == ["head", "head no decay"]
+    assert models.default_backbone_lr_scale(small_config(arch)) == 1.0  # a random trunk
+    assert models.default_backbone_lr_scale(small_config(arch, pretrained=True)) == 0.1
+
+
+def test_checkpoints_from_before_modality_and_augment_still_load(tmp_path):
+    model = small_model("b").eval()
+    save(tmp_path / "old.pt", model)
+    checkpoint = torch.load(tmp_path / "old.pt", weights_only=True)
+    del checkpoint["config"]["modality"], checkpoint["config"]["augment"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded, _, _ = models.load_checkpoint(tmp_path / "old.pt")
+    assert loaded.cfg.modality == "both" and loaded.cfg.augment is False
+    text_only = small_model("b", modality="text").eval()  # and a model without a trunk round-trips
+    save(tmp_path / "text.pt", text_only)
+    reloaded, _, _ = models.load_checkpoint(tmp_path / "text.pt")
+    ids, lengths, images = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, lengths, images=images), model(ids, lengths, images=images))
+        assert torch.equal(reloaded(ids, lengths), text_only(ids, lengths))
