@@ -5,8 +5,9 @@
     python prepare_data.py --image-dir ~/raf-db --text-csv ~/emotions.csv
 
 Six steps, each announced with its counts and skipped when its inputs are unchanged
-(`--force` redoes them): 1 raw data, 2 images, 3 texts, 4 tokenizer, 5 pairing,
-6 shards + meta.json. A step's output is written under a temporary name and renamed,
+(`--force` redoes them): 1 raw data, 2 images (and the leak audit: near-copies across
+splits, leaks.py), 3 texts, 4 tokenizer, 5 pairing (`--dedupe` drops val and test images
+with a near-copy in train), 6 shards + meta.json. A step's output is written under a temporary name and renamed,
 and its key (a hash of everything it depends on) is written after it, so a run killed
 half way leaves nothing a later run takes for finished work. meta.json comes last.
 """
@@ -24,8 +25,9 @@ from sklearn.model_selection import train_test_split
 
 from data import CLASSES, FORMAT_VERSION, SPLITS, DataError, atomic_write, encode_texts
 from images import read_image
+import leaks
 from sources import KAGGLE_IMAGES, KAGGLE_TEXTS, TEXT_TO_CLASS, digest, find_image_root, \
-    kaggle_download, list_images, read_texts, say, synthetic_raw
+    find_text_file, kaggle_download, list_images, read_texts, say, synthetic_raw
 
 UNPAIRED = [c for c in CLASSES if c not in TEXT_TO_CLASS.values()]  # Disgust, Neutral
 SHARD_SIZE = 10000
@@ -55,20 +57,17 @@ def locate(args):
     say("[1/6] raw data ...")
     if args.source == "synthetic" and not (args.image_dir or args.text_csv):
         image_dir, text_csv = synthetic_raw(args.raw_dir, args.seed, args.synthetic_images,
-                                            args.synthetic_texts)
+                                            args.synthetic_texts, args.synthetic_copies)
         return image_dir, text_csv, {"kind": "synthetic", "seed": args.seed,
                                      "images_per_class": args.synthetic_images,
-                                     "texts": args.synthetic_texts}
+                                     "texts": args.synthetic_texts, "copies": args.synthetic_copies}
     if args.image_dir or args.text_csv:
         say(f"      local copies: {args.image_dir or 'images from Kaggle'}, "
             f"{args.text_csv or 'texts from Kaggle'}")
     image_dir = Path(args.image_dir) if args.image_dir else kaggle_download(KAGGLE_IMAGES, args.raw_dir)
     text_csv = Path(args.text_csv) if args.text_csv else kaggle_download(KAGGLE_TEXTS, args.raw_dir)
     if text_csv.is_dir():
-        found = sorted(text_csv.rglob("*.csv"))
-        if not found:
-            raise DataError(f"no .csv file in {text_csv}")
-        text_csv = found[0]
+        text_csv = find_text_file(text_csv)
     for path in (image_dir, text_csv):
         if not path.exists():
             raise DataError(f"{path} does not exist")
@@ -89,28 +88,31 @@ def stratified_split(rows, labels, fraction, seed, what):
 
 # ---- step 2: images ----------------------------------------------------------------
 
-def read_images(listing, size, seed):
+def read_images(listing, root, size, seed):
     """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
-    train, stratified and seeded (plain RAF-DB has only train and test)."""
+    train, stratified and seeded (plain RAF-DB has only train and test). Each image keeps
+    its file name (relative to `root`) for the leak audit's examples."""
     result, skipped = {}, []
     for split, files in listing.items():
-        images, labels = [], []
+        images, labels, names = [], [], []
         for path, name in files:
             try:
                 images.append(read_image(path, size))
-                labels.append(CLASSES.index(name))
             except DataError:
                 skipped.append(str(path))
+                continue
+            labels.append(CLASSES.index(name))
+            names.append(path.relative_to(root).as_posix())
         result[split] = {"images": torch.from_numpy(np.stack(images)) if images
                          else torch.zeros(0, size, size, dtype=torch.uint8),
-                         "labels": torch.tensor(labels, dtype=torch.int64)}
+                         "labels": torch.tensor(labels, dtype=torch.int64), "files": names}
     if "val" not in result:
         train = result["train"]
         keep, val = stratified_split(np.arange(len(train["labels"])), train["labels"].numpy(),
                                      0.15, seed, "train images into train and val")
-        keep, val = np.sort(keep), np.sort(val)
-        result["val"] = {k: v[val] for k, v in train.items()}
-        result["train"] = {k: v[keep] for k, v in train.items()}
+        result["val"], result["train"] = (
+            {"images": train["images"][rows], "labels": train["labels"][rows],
+             "files": [train["files"][i] for i in rows]} for rows in (np.sort(val), np.sort(keep)))
     for split in SPLITS:
         if len(result[split]["labels"]) == 0:
             raise DataError(f"no readable images in the {split} split of the image folder")
@@ -118,12 +120,30 @@ def read_images(listing, size, seed):
     return result
 
 
+def read_and_audit(listing, root, size, seed):
+    """Step 2: the images of every split, then the near-copies across splits (leaks.py)."""
+    result = read_images(listing, root, size, seed)
+    result["leaks"], near_train = leaks.audit({s: result[s]["images"].numpy() for s in SPLITS},
+                                              {s: result[s]["files"] for s in SPLITS})
+    result["near_train"] = {split: torch.from_numpy(near) for split, near in near_train.items()}
+    return result
+
+
+def warn_of_leaks(report):
+    """One line when the splits share faces: how many, and what it means for the test score."""
+    counts = report["counts"]
+    if any(counts.values()):
+        say(f"      warning: {report['test_fraction']:.1%} of test images have a near-copy in train "
+            f"or val (train-val {counts['train-val']}, train-test {counts['train-test']}, val-test "
+            f"{counts['val-test']}): test scores are inflated; see meta.json 'leaks', or use --dedupe")
+
+
 # ---- step 3: texts -----------------------------------------------------------------
 
 def split_texts(path, seed):
     """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is
     in two splits), then split 70/15/15 stratified by label."""
-    texts, labels = read_texts(path)
+    texts, labels, encoding = read_texts(path)
     seen, clean, clean_labels = set(), [], []
     for text, label in zip(texts, labels):
         text = " ".join(text.split())
@@ -137,7 +157,7 @@ def split_texts(path, seed):
     result = {split: {"texts": [clean[i] for i in sorted(rows)],
                       "labels": [clean_labels[i] for i in sorted(rows)]}
               for split, rows in zip(SPLITS, (train, val, test))}
-    result["dropped"] = len(texts) - len(clean)
+    result["dropped"], result["encoding"] = len(texts) - len(clean), encoding
     return result
 
 
@@ -233,19 +253,24 @@ def pair_texts(image_labels, text_classes, classes, unpaired, rng):
     return choice
 
 
-def pair_all(images, texts, unpaired, seed):
+def pair_all(images, texts, unpaired, dedupe, seed):
     classes = [c for c in CLASSES if not (unpaired == "drop" and c in UNPAIRED)]
     rng = np.random.default_rng(seed)
-    pairs = {}
+    pairs, dropped = {}, {}
     for split in SPLITS:
         names = np.array(CLASSES)[images[split]["labels"].numpy()]
-        keep = np.flatnonzero(np.isin(names, classes))  # 'drop' removes Disgust and Neutral
+        wanted = np.isin(names, classes)  # 'drop' removes Disgust and Neutral
+        if split in images["near_train"]:  # val, test
+            drop = images["near_train"][split].numpy() & dedupe
+            dropped[split] = int((wanted & drop).sum())
+            wanted &= ~drop
+        keep = np.flatnonzero(wanted)
         labels = np.array([classes.index(n) for n in names[keep]], dtype=np.int64)
         text_classes = [TEXT_TO_CLASS[label] for label in texts[split]["labels"]]
         pairs[split] = {"image_rows": torch.from_numpy(keep), "labels": torch.from_numpy(labels),
                         "text_rows": torch.from_numpy(pair_texts(labels, text_classes, classes,
                                                                  unpaired, rng))}
-    return {"classes": classes, "pairs": pairs}
+    return {"classes": classes, "pairs": pairs, "dropped": dropped}
 
 
 # ---- step 6: shards and meta.json --------------------------------------------------
@@ -292,7 +317,8 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
             "sources": sources, "counts": counts,
             "text_counts": {s: len(texts[s]["texts"]) for s in SPLITS},
             "texts_dropped": texts["dropped"], "truncated_texts": int((lengths >= args.max_len).sum()),
-            "skipped_files": images["skipped"],
+            "skipped_files": images["skipped"], "text_encoding": texts["encoding"],
+            "leaks": {**images["leaks"], "dedupe": args.dedupe, "dropped": paired["dropped"]},
             "text_to_class": TEXT_TO_CLASS,
             "versions": {"torch": torch.__version__.split("+")[0], "numpy": np.__version__,
                          "pillow": PIL.__version__, "tokenizers": tokenizers.__version__,
@@ -317,9 +343,16 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-images", default="300,50,50",
                    help="synthetic faces per class in train,val,test (real size: 4286,1072,600)")
     p.add_argument("--synthetic-texts", type=int, default=6000, help="(real size: 417000)")
+    p.add_argument("--synthetic-copies", type=float, default=0.0, metavar="FRACTION",
+                   help="plant near-copies of train faces as this fraction of val and test "
+                        "(listed in <raw-dir>/synthetic/planted.csv): a leak for the audit to find")
+    p.add_argument("--dedupe", action="store_true",
+                   help="drop val and test images that have a near-copy in train")
     p.add_argument("--force", action="store_true", help="redo every step")
     args = p.parse_args(argv)
     args.synthetic_images = tuple(int(n) for n in args.synthetic_images.split(","))
+    if not 0 <= args.synthetic_copies <= 1:
+        p.error("--synthetic-copies is a fraction between 0 and 1")
     return args
 
 
@@ -330,25 +363,31 @@ def prepare(args):
     image_root = find_image_root(image_dir)
     listing = list_images(image_root)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for f in listing.values() for p, _ in f]
-    image_key = digest(str(image_root), files, args.image_size, args.seed)
+    # the audit's hash and threshold are part of the key: a changed audit redoes the step
+    image_key = digest(str(image_root), files, args.image_size, args.seed,
+                       leaks.HASH_SIZE, leaks.THRESHOLD)
     images = step(2, "images", work, image_key, args.force,
-                  lambda: read_images(listing, args.image_size, args.seed))
+                  lambda: read_and_audit(listing, image_root, args.image_size, args.seed))
     sizes = ", ".join(f"{split} {len(images[split]['labels'])}" for split in SPLITS)
     say(f"      {sizes} images ({image_root}); {len(images['skipped'])} unreadable files skipped")
     for path in images["skipped"][:10]:
         say(f"      warning: skipped unreadable {path}")
+    warn_of_leaks(images["leaks"])
     text_stat = Path(text_csv).stat()
     text_key = digest(str(text_csv), text_stat.st_size, text_stat.st_mtime_ns, args.seed)
     texts = step(3, "texts", work, text_key, args.force, lambda: split_texts(text_csv, args.seed))
     sizes = ", ".join(f"{split} {len(texts[split]['texts'])}" for split in SPLITS)
-    say(f"      {sizes} texts; {texts['dropped']} empty or duplicate rows dropped")
+    say(f"      {sizes} texts ({texts['encoding']}); {texts['dropped']} empty or duplicate rows dropped")
     tokenizer_key = digest(text_key, args.vocab_size)
     tokenizer = step(4, "tokenizer", work, tokenizer_key, args.force,
                      lambda: train_tokenizer(texts["train"]["texts"], args.vocab_size))
-    pair_key = digest(image_key, text_key, args.unpaired, args.seed)
+    pair_key = digest(image_key, text_key, args.unpaired, args.dedupe, args.seed)
     paired = step(5, "pairing", work, pair_key, args.force,
-                  lambda: pair_all(images, texts, args.unpaired, args.seed))
+                  lambda: pair_all(images, texts, args.unpaired, args.dedupe, args.seed))
     say(f"      {len(paired['classes'])} classes, unpaired policy {args.unpaired!r}")
+    if args.dedupe:
+        say(f"      --dedupe: dropped {paired['dropped']['val']} val and {paired['dropped']['test']} "
+            "test images with a near-copy in train")
     key = digest(tokenizer_key, pair_key, args.max_len, sources)
     meta_path = out / "meta.json"
     if not args.force and meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:

@@ -5,7 +5,9 @@ the processed data set; this module only downloads, generates and reads.
 Image trees: `split/class/*.png` (the balanced Kaggle set; class folder names in any
 case, with aliases) or plain RAF-DB's `DATASET/{train,test}/{1..7}`. Text files:
 `text,label` CSV with or without a leading index column, or dair-ai `text;label` lines;
-labels as ids 0..5 or as names.
+labels as ids 0..5 or as names, in UTF-8 or (spreadsheet exports) cp1252.
+Never data: anything under __MACOSX/ (macOS zips put a `._name` shadow of every file
+there) and dot-files (`._name`, `.DS_Store`, `.ipynb_checkpoints/`).
 """
 import contextlib
 import csv
@@ -73,10 +75,10 @@ def kaggle_download(slug, raw_dir):
     return dest
 
 
-def synthetic_raw(raw_dir, seed, images_per_class, texts):
-    """Generate the synthetic raw layout once per (seed, sizes)."""
+def synthetic_raw(raw_dir, seed, images_per_class, texts, copies):
+    """Generate the synthetic raw layout once per (seed, sizes, planted copies)."""
     # the generator's own source is part of the key: a changed generator regenerates
-    key = digest("synthetic", seed, images_per_class, texts,
+    key = digest("synthetic", seed, images_per_class, texts, copies,
                  hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest())
     dest = Path(raw_dir) / "synthetic"
     marker = dest / ".generated"
@@ -85,15 +87,32 @@ def synthetic_raw(raw_dir, seed, images_per_class, texts):
     else:
         say(f"      generating {sum(images_per_class) * 7} faces and {texts} sentences ...")
         with atomic_dir(dest) as tmp:
-            synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts)
+            synthetic.generate(tmp, seed=seed, images_per_class=images_per_class, texts=texts,
+                               copies=copies)
             (tmp / marker.name).write_text(key)
     return dest / "images", dest / "texts.csv"
 
 
+def is_data(path, root):
+    """False for what archives and tools leave beside the data: __MACOSX/ and dot-files."""
+    return not any(part == "__MACOSX" or part.startswith(".")
+                   for part in Path(path).relative_to(root).parts)
+
+
+def find_text_file(folder):
+    """The first .csv in a downloaded folder, never a macOS shadow (`__MACOSX/._emotions.csv`)."""
+    found = sorted(p for p in Path(folder).rglob("*.csv") if is_data(p, folder))
+    if not found:
+        raise DataError(f"no .csv file in {folder}")
+    return found[0]
+
+
 def find_image_root(image_dir):
-    """The folder that holds the split folders (downloads often nest it one or two deep)."""
+    """The folder that holds the split folders (downloads often nest it one or two deep;
+    a zip's __MACOSX/ copy of the tree is not it)."""
     for depth in range(4):
-        for folder in sorted([Path(image_dir)] if depth == 0 else Path(image_dir).glob("*/" * depth)):
+        for folder in sorted([Path(image_dir)] if depth == 0 else
+                             (p for p in Path(image_dir).glob("*/" * depth) if is_data(p, image_dir))):
             names = {p.name.lower() for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
             if {"train", "test"} <= names:
                 return folder
@@ -118,17 +137,34 @@ def list_images(root):
         if split not in SPLITS:
             continue
         listing[split] = []
-        # hidden folders (.ipynb_checkpoints, ...) are never classes
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name[0] != "."):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and is_data(p, root)):
             name = class_of(class_dir.name)  # an unknown folder is an error even when empty
-            listing[split] += [(path, name) for path in sorted(class_dir.iterdir()) if path.is_file()]
+            listing[split] += [(path, name) for path in sorted(class_dir.iterdir())
+                               if path.is_file() and is_data(path, root)]
     return listing
 
 
+def decode_text(path):
+    """(text, encoding): UTF-8 (a BOM allowed), else cp1252, which spreadsheets save and which
+    also reads Latin-1 text. A file neither decodes is an error that names the bad byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError as err:
+        utf8_error = err
+    try:
+        return raw.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is neither UTF-8 (byte 0x{raw[utf8_error.start]:02x} at offset "
+                        f"{utf8_error.start}) nor cp1252 (byte 0x{raw[err.start]:02x} at offset "
+                        f"{err.start}): save it as UTF-8") from None
+
+
 def read_texts(path):
-    """(texts, label names) from `text,label` CSV (with or without a leading index column)
-    or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    """(texts, label names, encoding) from `text,label` CSV (with or without a leading index
+    column) or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
+    content, encoding = decode_text(path)
+    with io.StringIO(content, newline="") as f:  # newline="": the csv module sees line ends as stored
         first = f.readline()
         f.seek(0)
         if ";" in first and "," not in first.split(";")[-1]:  # dair-ai: text;label, no header
@@ -150,4 +186,4 @@ def read_texts(path):
             raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
         texts.append(text)
         labels.append(name)
-    return texts, labels
+    return texts, labels, encoding

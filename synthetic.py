@@ -15,8 +15,13 @@ overlap; pose, scale, lighting and noise vary per image; about 10 % of sentences
 a wrong label. A small model learns it on a CPU in a minute but is not at 100 % after
 one epoch. Every image has its own seed, so images can be drawn in any order (or
 process) and the output is the same.
+
+`copies` plants near-copies of train faces in val and test, as an augment-then-split data
+set has them (exact, mirrored, brightness +-10 %, JPEG re-encoded, shifted 1-3 px, rotated
+2-5 degrees, in turn), and lists them in dest/planted.csv: the leak audit's test bed.
 """
 import csv
+import io
 import os
 from multiprocessing import Pool
 
@@ -88,6 +93,7 @@ OPENERS = ["", "", "", "ok so ", "well ", "lol ", "ugh ", "hmm ", "omg ", "you k
 ENDINGS = ["", "", "", " today", " again", " lately", " tbh", " haha", " 🙃", " 😊", " 😢", " !!",
            " lol", " rn", " tonight", " ...", " ok", " for real"]
 LABEL_NOISE = 0.1
+COPY_KINDS = ("exact", "mirrored", "brightness", "jpeg", "shift", "rotation")
 
 
 def face_image(seed, class_index):
@@ -164,9 +170,35 @@ def face_image(seed, class_index):
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+def near_copy(face, kind, rng):
+    """uint8 [S,S] -> the same face after one augmentation of COPY_KINDS, parameters from `rng`."""
+    if kind == "exact":
+        return face.copy()
+    if kind == "mirrored":
+        return face[:, ::-1].copy()
+    if kind == "brightness":
+        return np.clip(face * rng.choice([0.9, 1.1]), 0, 255).astype(np.uint8)
+    if kind == "jpeg":
+        encoded = io.BytesIO()
+        Image.fromarray(face).save(encoded, format="JPEG", quality=int(rng.integers(70, 96)))
+        return np.array(Image.open(encoded))
+    if kind == "shift":  # 1-3 px in x and/or y, the border repeated into the gap
+        dy, dx = rng.choice([d for d in np.ndindex(7, 7) if d != (3, 3)])
+        size = face.shape[0]
+        return np.pad(face, 3, mode="edge")[dy:dy + size, dx:dx + size].copy()
+    if kind == "rotation":
+        angle = rng.uniform(2, 5) * rng.choice([-1, 1])
+        return np.array(Image.fromarray(face).rotate(angle, resample=Image.BILINEAR,
+                                                     fillcolor=int(np.median(face[0]))))
+    raise ValueError(f"unknown copy kind {kind!r}")
+
+
 def _write_face(job):
-    path, seed, class_index = job
-    Image.fromarray(face_image(seed, class_index)).save(path, compress_level=1)
+    path, seed, class_index, copy = job
+    face = face_image(seed, class_index)
+    if copy:  # (kind, seed of the copy's own random choices)
+        face = near_copy(face, copy[0], np.random.default_rng(copy[1]))
+    Image.fromarray(face).save(path, compress_level=1)
 
 
 def write_texts(path, count, seed):
@@ -192,14 +224,34 @@ def write_texts(path, count, seed):
             writer.writerow([" ".join(sentence.split()), int(noisy_label[i] if noisy[i] else label)])
 
 
-def generate(dest, seed=0, images_per_class=(300, 50, 50), texts=6000, workers=2):
-    """Write the synthetic raw layout into `dest` (a new folder); returns (image_root, text_csv)."""
-    jobs = []
+def plan_faces(dest, seed, images_per_class, copies):
+    """One job per face: (path, seed, class, copy). The first `copies` fraction of each val
+    and test class folder are near-copies of train faces of the class, kinds in turn."""
+    jobs, planted = [], []
     for split_index, (split, count) in enumerate(zip(SPLITS, images_per_class)):
         for class_index, folder in enumerate(CLASS_FOLDERS):
             os.makedirs(os.path.join(dest, "images", split, folder))
-            jobs += [(os.path.join(dest, "images", split, folder, f"{i:05d}.png"),
-                      [seed, split_index, class_index, i], class_index) for i in range(count)]
+            rng = np.random.default_rng([seed, split_index, class_index, 1 << 20])
+            planted_here = round(copies * count) if split != "train" else 0
+            originals = rng.choice(images_per_class[0], size=planted_here,
+                                   replace=planted_here > images_per_class[0])
+            for i in range(count):
+                name = f"{split}/{folder}/{i:05d}.png"
+                copy, image_seed = None, [seed, split_index, class_index, i]
+                if i < planted_here:
+                    kind = COPY_KINDS[i % len(COPY_KINDS)]
+                    copy, image_seed = (kind, image_seed), [seed, 0, class_index, int(originals[i])]
+                    planted.append((name, f"train/{folder}/{originals[i]:05d}.png", kind))
+                jobs.append((os.path.join(dest, "images", name), image_seed, class_index, copy))
+    return jobs, planted
+
+
+def generate(dest, seed=0, images_per_class=(300, 50, 50), texts=6000, copies=0.0, workers=2):
+    """Write the synthetic raw layout into `dest` (a new folder); returns (image_root, text_csv)."""
+    jobs, planted = plan_faces(dest, seed, images_per_class, copies)
+    if planted:
+        with open(os.path.join(dest, "planted.csv"), "w", newline="") as handle:
+            csv.writer(handle).writerows([("copy", "original", "kind"), *planted])
     if workers > 1 and len(jobs) > 2000:  # a pool pays for its start-up only on big trees
         with Pool(workers) as pool:
             for _ in pool.imap_unordered(_write_face, jobs, chunksize=256):

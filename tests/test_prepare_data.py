@@ -175,7 +175,7 @@ def test_rafdb_layout_and_dair_ai_texts(tmp_path):
 def test_messy_csv_and_unreadable_files(tmp_path):
     images = balanced_tree(tmp_path / "images")
     (images / "train" / "angry" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    (images / "train" / "angry" / ".DS_Store").write_bytes(b"\x00\x01")
+    (images / "train" / "angry" / ".DS_Store").write_bytes(b"\x00\x01")  # not data: not skipped
     (images / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class folder
     extra = [["", 1], ["   ", 2], ["", ""], ['said "hi", then left 😀', 1], ['said "hi", then left 😀', 1],
              ["tabs\tand   spaces", 0]]
@@ -189,7 +189,7 @@ def test_messy_csv_and_unreadable_files(tmp_path):
         assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / name),
                        out=f"out-{name}") == 0
     meta = load_meta(tmp_path / "out-texts.csv")
-    assert sorted(p.rsplit("/", 1)[1] for p in meta["skipped_files"]) == [".DS_Store", "broken.png"]
+    assert [p.rsplit("/", 1)[1] for p in meta["skipped_files"]] == ["broken.png"]
     assert meta["counts"]["train"]["Angry"] == 6
     assert sum(meta["text_counts"].values()) == len(truth) + 2  # + emoji row and tab row, once each
     assert sum(load_meta(tmp_path / "out-indexed.csv")["text_counts"].values()) == len(truth)
@@ -299,3 +299,90 @@ def test_data_from_another_format_version_is_refused(tmp_path, local_data):
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "version": 0}))
     with pytest.raises(data.DataError, match="prepare_data.py --force"):
         load_split(tmp_path / "processed", "train")
+
+
+def test_texts_in_a_legacy_encoding_are_read_and_noted(tmp_path, capsys):
+    balanced_tree(tmp_path / "images", per_class=3)
+    truth = text_csv(tmp_path / "texts.csv", extra_rows=[["caf\u00e9 na\u00efve it\u2019s \u20ac5", 1]])
+    sentences = (tmp_path / "texts.csv").read_text(encoding="utf-8")
+    (tmp_path / "texts.csv").write_bytes(sentences.encode("cp1252"))  # as a spreadsheet saves it
+    texts, _, encoding = sources.read_texts(tmp_path / "texts.csv")
+    assert encoding == "cp1252" and "caf\u00e9 na\u00efve it\u2019s \u20ac5" in texts
+    assert len(texts) == len(truth) + 1
+    assert prepare(tmp_path, "--image-dir", str(tmp_path / "images"), "--text-csv",
+                   str(tmp_path / "texts.csv")) == 0
+    assert "texts (cp1252)" in capsys.readouterr().out
+    assert load_meta(tmp_path / "processed")["text_encoding"] == "cp1252"
+
+
+def test_text_file_in_no_known_encoding_is_one_line_naming_the_byte(tmp_path, capsys):
+    balanced_tree(tmp_path / "images", per_class=2)
+    text_csv(tmp_path / "texts.csv")
+    good = (tmp_path / "texts.csv").read_bytes()
+    (tmp_path / "texts.csv").write_bytes(good + b"bad \x81 byte,1\r\n")  # 0x81: in neither
+    assert prepare(tmp_path, "--image-dir", str(tmp_path / "images"), "--text-csv",
+                   str(tmp_path / "texts.csv")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"byte 0x81 at offset {len(good) + 4}" in err and "UTF-8" in err
+    out = tmp_path / "processed"
+    assert not (out / "meta.json").exists() and not list(out.glob("*.pt"))
+
+
+def test_macos_shadow_files_are_never_data(tmp_path):
+    """A macOS zip unpacks `__MACOSX/<path>/._<name>` beside every file: AppleDouble
+    metadata, not images or CSVs. Both sort before the real folders ('_' < 'a')."""
+    images = balanced_tree(tmp_path / "download" / "data" / "faces")
+    for real in sorted(images.rglob("*.*")):
+        shadow = tmp_path / "download" / "__MACOSX" / real.relative_to(tmp_path / "download")
+        shadow = shadow.with_name("._" + real.name)
+        shadow.parent.mkdir(parents=True, exist_ok=True)
+        shadow.write_bytes(b"\x00\x05\x16\x07 Mac OS X attributes")
+        (real.parent / shadow.name).write_bytes(shadow.read_bytes())  # unzipped in place too
+    texts = tmp_path / "texts"
+    (texts / "__MACOSX").mkdir(parents=True)
+    truth = text_csv(texts / "emotions.csv")
+    (texts / "__MACOSX" / "._emotions.csv").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    assert prepare(tmp_path, "--image-dir", str(tmp_path / "download"), "--text-csv", str(texts)) == 0
+    meta = load_meta(tmp_path / "processed")
+    assert meta["skipped_files"] == [] and meta["counts"]["test"] == {c: 6 for c in data.CLASSES}
+    assert sum(meta["text_counts"].values()) == len(truth)
+
+
+def planted_copies(raw):
+    with open(raw / "synthetic" / "planted.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_planted_copies_are_found_and_dedupe_drops_them(tmp_path, capsys):
+    """Half of each val and test class are copies of train faces, every kind once per class.
+    The audit finds the exact, mirrored, brightness and JPEG ones and pairs nothing else;
+    --dedupe drops exactly those; the steps it changes are redone, not reused, both ways."""
+    args = ["--source", "synthetic", "--synthetic-images", "20,12,12", "--synthetic-texts", "900",
+            "--synthetic-copies", "0.5"]
+    assert prepare(tmp_path, *args) == 0
+    assert "warning: " in capsys.readouterr().out
+    leaks = load_meta(tmp_path / "processed")["leaks"]
+    planted = planted_copies(tmp_path / "raw")
+    originals = {(row["original"], row["copy"]): row["kind"] for row in planted}
+    for split, count in (("val", "train-val"), ("test", "train-test")):
+        detectable = [r for r in planted if r["copy"].startswith(split)
+                      and r["kind"] in ("exact", "mirrored", "brightness", "jpeg")]
+        assert len(detectable) == 28  # 7 classes x 6 copies, 4 of the 6 kinds
+        copies = sum(r["copy"].startswith(split) for r in planted)
+        assert len(detectable) <= leaks["counts"][count] <= copies  # found all; nothing distinct
+    for example in leaks["examples"]:
+        if example["files"][0].startswith("train/"):
+            assert tuple(example["files"]) in originals, example
+            assert example["mirrored"] == (originals[tuple(example["files"])] == "mirrored")
+    assert prepare(tmp_path, *args, "--dedupe") == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 3  # images, texts, tokenizer: pairing and shards redone
+    deduped = load_meta(tmp_path / "processed")
+    dropped = {"val": leaks["counts"]["train-val"], "test": leaks["counts"]["train-test"]}
+    assert deduped["leaks"]["dropped"] == dropped
+    assert f"dropped {dropped['val']} val and {dropped['test']} test images" in out
+    for split in ("val", "test"):
+        assert sum(deduped["counts"][split].values()) == 84 - dropped[split]
+    assert prepare(tmp_path, *args) == 0  # and back: the full splits again
+    assert sum(load_meta(tmp_path / "processed")["counts"]["test"].values()) == 84
