@@ -129,15 +129,6 @@ def read_and_audit(listing, root, size, seed):
     return result
 
 
-def warn_of_leaks(report):
-    """One line when the splits share faces: how many, and what it means for the test score."""
-    counts = report["counts"]
-    if any(counts.values()):
-        say(f"      warning: {report['test_fraction']:.1%} of test images have a near-copy in train "
-            f"or val (train-val {counts['train-val']}, train-test {counts['train-test']}, val-test "
-            f"{counts['val-test']}): test scores are inflated; see meta.json 'leaks', or use --dedupe")
-
-
 # ---- step 3: texts -----------------------------------------------------------------
 
 def split_texts(path, seed):
@@ -372,7 +363,8 @@ def prepare(args):
     say(f"      {sizes} images ({image_root}); {len(images['skipped'])} unreadable files skipped")
     for path in images["skipped"][:10]:
         say(f"      warning: skipped unreadable {path}")
-    warn_of_leaks(images["leaks"])
+    if any(images["leaks"]["counts"].values()):
+        say(f"      warning: {leaks.summary(images['leaks'])}; see meta.json 'leaks', or use --dedupe")
     text_stat = Path(text_csv).stat()
     text_key = digest(str(text_csv), text_stat.st_size, text_stat.st_mtime_ns, args.seed)
     texts = step(3, "texts", work, text_key, args.force, lambda: split_texts(text_csv, args.seed))
