@@ -3,13 +3,15 @@
     python prepare_data.py                                    # download from Kaggle
     python prepare_data.py --source synthetic                 # offline, seeded, ~20 s
     python prepare_data.py --image-dir ~/raf-db --text-csv ~/emotions.csv
+    python prepare_data.py --dedupe          # no val/test face with a near-copy in train
 
 Six steps, each announced with its counts and skipped when its inputs are unchanged
 (`--force` redoes them): 1 raw data, 2 images (and the leak audit: near-copies across
 splits, leaks.py), 3 texts, 4 tokenizer, 5 pairing (`--dedupe` drops val and test images
-with a near-copy in train), 6 shards + meta.json. A step's output is written under a temporary name and renamed,
-and its key (a hash of everything it depends on) is written after it, so a run killed
-half way leaves nothing a later run takes for finished work. meta.json comes last.
+with a near-copy in train), 6 shards + meta.json. A step's output is written under a
+temporary name and renamed, and its key (a hash of everything it depends on) is written
+after it, so a run killed half way leaves nothing a later run takes for finished work.
+meta.json comes last.
 """
 import argparse
 import heapq
