@@ -126,8 +126,8 @@ def random_views(x: torch.Tensor, size: int) -> torch.Tensor:
     rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # (B, size)
     columns = (centres >= left[:, None]) & (centres < (left + width)[:, None])  # (B, size)
     erased = rows[:, :, None] & columns[:, None, :] & (u[:, 9] < 0.25)[:, None, None]  # (B, size, size)
-    # Filled with the face's mean: a black or noise patch would shift the batch statistics that a
-    # fine-tuned trunk's BatchNorm learns from.
+    # Filled with the face's own mean: a flat occluder that leaves the image's mean brightness, and
+    # so the batch statistics a fine-tuned trunk's BatchNorm tracks, where they were (black would not).
     return torch.where(erased.unsqueeze(1), x.mean(dim=(2, 3), keepdim=True), x)
 
 
@@ -347,10 +347,11 @@ def default_backbone_lr_scale(cfg: ModelConfig) -> float:
 
 
 def parameter_groups(model: EmotionModel, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
-    """AdamW groups of the trainable parameters: the trunk (image_encoder.*) at lr * backbone_lr_scale,
-    the rest at lr; weight decay only on weight matrices and kernels, never on biases, norm scales
-    and shifts (the 1-D parameters) or embeddings, whose pull to zero helps nothing. Each group holds
-    `base_lr`, which a schedule scales; the head's groups come first."""
+    """AdamW groups of the trainable parameters, the head's first: the trunk (image_encoder.*) at
+    lr * backbone_lr_scale, the rest at lr, each with `base_lr` for a schedule to scale. Weight decay
+    only on weight matrices and kernels: biases and norm scales/shifts (the 1-D parameters) are
+    offsets and gains that decay pulls to zero for no regularizing gain, and an embedding row of a
+    rare token would decay at every step but learn only when its token appears."""
     groups = {"head": [], "head no decay": [], "trunk": [], "trunk no decay": []}
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(prefix=module_name, recurse=False):
@@ -358,10 +359,13 @@ def parameter_groups(model: EmotionModel, lr: float, weight_decay: float, backbo
                 part = "trunk" if name.startswith("image_encoder.") else "head"
                 decay = parameter.ndim >= 2 and not isinstance(module, nn.Embedding)
                 groups[part if decay else f"{part} no decay"].append(parameter)
-    return [{"name": key, "params": params, "weight_decay": 0.0 if key.endswith("no decay") else weight_decay,
-             "base_lr": lr * backbone_lr_scale if key.startswith("trunk") else lr,
-             "lr": lr * backbone_lr_scale if key.startswith("trunk") else lr}
-            for key, params in groups.items() if params]
+    param_groups = []
+    for key, params in groups.items():
+        if params:  # a frozen trunk has no groups
+            rate = lr * backbone_lr_scale if key.startswith("trunk") else lr
+            param_groups.append({"name": key, "params": params, "lr": rate, "base_lr": rate,
+                                 "weight_decay": 0.0 if key.endswith("no decay") else weight_decay})
+    return param_groups
 
 
 def parameter_counts(model: EmotionModel) -> tuple[int, int]:
