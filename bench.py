@@ -82,7 +82,7 @@ def bench(args):
         # (a) + cache: every image and its mirror through the trunk, as train.py does
         t0 = time.perf_counter()
         features, _ = cached_features(model, split["images"], tmp, device, flips=True,
-                                      batch_size=args.batch_size, progress=False)
+                                      batch_size=args.batch_size, show_progress=False)
         seconds = time.perf_counter() - t0
         figures["feature_images_per_s"] = 2 * args.samples / seconds
         figures["cache_build_s"] = seconds

@@ -13,7 +13,10 @@ slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +37,9 @@ def atomic_write(path):
     """Yield a temporary name beside `path`; it replaces `path` only when the block ends
     without an error, so no reader (or later run) ever sees a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name unique to the process: two runs writing one file (a shared data/cache) never
+    # write into each other's temporary file; the last os.replace wins, whole.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -68,13 +73,50 @@ def pick_device(name="auto"):
 
 
 def autocast(device, amp="auto"):
-    """Mixed precision context: 'auto' is bf16 on CUDA when supported, else fp16, and off on
-    CPU (CPU bf16 is slower than fp32 on most CPUs). Returns (context, dtype or None)."""
+    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the GPU computes
+    it natively (compute capability 8.0 on: A100, RTX 30xx and later), fp16 on older GPUs (T4,
+    V100: their bf16 is emulated and cuDNN has no bf16 convolutions; train.py adds a GradScaler),
+    and off on the CPU (CPU bf16 is slower than fp32 on most CPUs)."""
     device = torch.device(device)
     if amp == "auto":
-        amp = "off" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        amp = "off" if device.type != "cuda" else ("bf16" if native_bf16 else "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), dtype
+
+
+def fits_on_device(tensors, device, margin=0.25):
+    """Whether `tensors` (a dict) can move to `device` and still leave `margin` of the card free
+    for the model, the optimizer and the activations. The CPU holds them already."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return sum(t.nbytes for t in tensors.values()) <= free - margin * total
+
+
+def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
+    """Iterate over `items` (a sized iterable) showing progress: a tqdm bar on a terminal;
+    otherwise (`nohup make train > log`) a plain line at most every `every` seconds with
+    done/total, rate and ETA, where a bar would write a stream of carriage returns."""
+    if not enabled:
+        yield from items
+        return
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, unit=unit, leave=False)
+        return
+    total, start = len(items), time.monotonic()
+    last = start
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every and done < total:
+            rate = done / (now - start)
+            eta = (total - done) / rate
+            print(f"{desc}: {done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {eta // 60:.0f} min "
+                  f"{eta % 60:02.0f} s", flush=True)
+            last = now
 
 
 def encode_texts(tokenizer, texts, max_len):
@@ -137,24 +179,47 @@ def load_text_pool(processed_dir):
 class Batches:
     """One split served in batches, all randomness from one seeded generator.
 
-    Each pass (epoch) draws, in this order, a fresh text for every image from
-    `text_pool` (the reference re-draws texts every epoch), a flip coin per image, and
-    (shuffle) a permutation grouped into batches of similar text length. `features` replaces images with cached trunk features,
-    dicts of [V,N,...] tensors where V=2 holds the flipped image's features too.
-    `generator.get_state()` after a pass is all a resume needs.
+    Each pass (epoch) draws, in this order, a fresh text for every image from `text_pool`
+    (the reference re-draws texts every epoch), a flip coin per image, and (shuffle) a
+    permutation grouped into batches of similar text length. `features` replaces images
+    with cached trunk features, dicts of [V,N,...] tensors where V=2 holds the flipped
+    image's features too. `generator.get_state()` after a pass is all a resume needs.
+
+    Under torchrun every rank draws the same batches and takes its slice of each one
+    (`batch_size` is the global batch); `global_size` in each batch says how many samples
+    the whole batch holds, so the loss can be the mean over all of them.
+
+    The image side (features or images) moves to the device once when it fits there
+    (`on_device=None`: when it leaves a margin of free memory) and each batch is gathered on
+    the device; otherwise each batch is gathered into one pinned buffer, reused every step,
+    and copied without blocking. Either way the step loop never waits for the host.
     """
 
     def __init__(self, split, batch_size, device, *, features=None, shuffle=False,
-                 flip=False, text_pool=None, seed=0):
+                 flip=False, text_pool=None, seed=0, rank=0, world_size=1, on_device=None):
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.features, self.shuffle, self.flip, self.text_pool = features, shuffle, flip, text_pool
+        self.shuffle, self.flip, self.text_pool = shuffle, flip, text_pool
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        if features is not None and flip and next(iter(features.values())).shape[0] < 2:
+        self.cached = features is not None
+        if self.cached and flip and next(iter(features.values())).shape[0] < 2:
             raise ValueError("flip needs features of flipped images (a cache built with flips=True)")
-        self.pin = self.device.type == "cuda"
+        # Rows of [V*N, ...]: row v*N + i is image i as stored (v=0) or mirrored (v=1).
+        sources = ({k: v.flatten(0, 1) for k, v in features.items()} if self.cached
+                   else {"images": split["images"]})
+        self.on_device = fits_on_device(sources, self.device) if on_device is None else on_device
+        if self.on_device:
+            self.sources = {k: v.to(self.device) for k, v in sources.items()}
+        else:
+            self.sources = sources
+            self.buffers = {k: torch.empty((batch_size, *v.shape[1:]), dtype=v.dtype,
+                                           pin_memory=self.device.type == "cuda")
+                            for k, v in sources.items()}
+            self.copied = None  # CUDA event: the last copy out of the buffers has finished
 
     def __len__(self):
-        return -(-len(self.split["labels"]) // self.batch_size)
+        n, batches = len(self.split["labels"]), -(-len(self.split["labels"]) // self.batch_size)
+        return batches - (0 < n % self.batch_size < self.world_size)
 
     def _redraw_texts(self):
         """A random pool text of each image's class; classes without texts (Disgust and
@@ -170,11 +235,6 @@ class Batches:
             choice[rows] = candidates[picks]
         return pool["input_ids"][choice], pool["lengths"][choice]
 
-    def _to_device(self, tensor):
-        if self.pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
-
     def _bucketed(self, order, lengths):
         """Shuffled batches of similar text length: sort each window of 32 batches by
         length, cut it into batches, shuffle the batches. Padding is trimmed per batch, so
@@ -189,6 +249,22 @@ class Batches:
         shuffled = torch.randperm(len(batches), generator=self.generator)
         return [batches[i] for i in shuffled]
 
+    def _gather(self, rows):
+        """The image side of one batch: `rows` of every source, on the device."""
+        if self.on_device:
+            return {k: v.index_select(0, rows) for k, v in self.sources.items()}
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous batch has left the buffer (not: its step has run)
+        batch = {}
+        for k, v in self.sources.items():
+            buffer = self.buffers[k][:len(rows)]
+            torch.index_select(v, 0, rows, out=buffer)
+            batch[k] = buffer.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return batch
+
     def __iter__(self):
         n = len(self.split["labels"])
         input_ids, lengths = self.split["input_ids"], self.split["lengths"]
@@ -200,20 +276,32 @@ class Batches:
             batches = self._bucketed(torch.randperm(n, generator=self.generator), lengths)
         else:
             batches = torch.arange(n).split(self.batch_size)
-        for idx in batches:
+        # This rank's slice of each global batch; a last batch too small to give every rank a
+        # sample is dropped (under torchrun only: fewer than world_size samples an epoch).
+        mine = [(idx.tensor_split(self.world_size)[self.rank], len(idx))
+                for idx in batches if len(idx) >= self.world_size]
+        order = torch.cat([idx for idx, _ in mine])  # (n,) sample indices, batch after batch
+        rows = flipped[order].long() * n + order if self.cached else order
+        # The epoch's text, labels and indices move to the device once; each step slices them.
+        on_device = {"input_ids": input_ids, "labels": self.split["labels"], "order": order,
+                     "flipped": flipped[order], "rows": rows}
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in on_device.items()}
+        start = 0
+        for idx, global_size in mine:
+            at = slice(start, start + len(idx))
+            start += len(idx)
             batch_lengths = lengths[idx].long()
-            width = max(int(batch_lengths.max()), 1)  # trim padding to the longest row
-            batch = {"input_ids": self._to_device(input_ids[idx, :width].long()),
-                     "lengths": batch_lengths,  # stays on CPU: packing reads it there
-                     "labels": self._to_device(self.split["labels"][idx])}
-            if self.features is not None:
-                variant = flipped[idx].long()  # 0: as stored, 1: mirrored
-                batch["image_features"] = {k: self._to_device(v[variant, idx])
-                                           for k, v in self.features.items()}
+            width = max(int(batch_lengths.max()), 1)  # trim padding to the longest row (CPU: no sync)
+            here = on_device["order"][at]
+            batch = {"input_ids": on_device["input_ids"][here, :width].long(),
+                     "lengths": batch_lengths,  # stays on the CPU: packing reads it there
+                     "labels": on_device["labels"][here], "global_size": global_size}
+            image_side = self._gather(on_device["rows"][at] if self.on_device else rows[at])
+            if self.cached:
+                batch["image_features"] = image_side
             else:
-                images = self.split["images"][idx]
-                images = torch.where(flipped[idx, None, None], images.flip(-1), images)
-                batch["images"] = self._to_device(images)
+                images = image_side["images"]  # (B, S, S) uint8, mirrored here on the device
+                batch["images"] = torch.where(on_device["flipped"][at, None, None], images.flip(-1), images)
             yield batch
 
 
@@ -221,39 +309,60 @@ def _hash_tensor(digest, tensor):
     digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def cached_features(model, images, cache_dir, device, *, flips, batch_size=256, progress=True):
+def _load_features(path, shape):
+    """The cache file at `path`, memory-mapped (pages are read as batches touch them, and
+    processes share them); a file that does not load is deleted, said in one line: None."""
+    from models import one_line
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        found = {key: tuple(value.shape[:2]) for key, value in features.items()}
+        if set(found.values()) != {shape}:
+            raise ValueError(f"shapes {found}, expected {shape} first")
+        return features
+    except Exception as err:  # truncated zip, foreign pickle, wrong shapes: all mean "build again"
+        print(f"warning: feature cache {path} does not load ({one_line(err)}): deleted, building it again",
+              file=sys.stderr, flush=True)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batch_size=256,
+                    show_progress=True):
     """Trunk features of every image (and of its mirror when `flips`), computed once.
 
     A frozen trunk makes the features a pure function of (image bytes, trunk weights,
-    preprocessing), so their hash is the cache key and a stale cache cannot be read.
-    Stored as float16 [V,N,...] (V = 2 with flips): half the memory of fp32, and its
-    relative error (~5e-4) is far below what training notices.
+    preprocessing) and of the arithmetic: `amp` (as train.py's --amp) and the device kind
+    (CUDA runs fp32 convolutions in TF32) change the numbers, so all of these make the cache
+    key and a stale cache cannot be read. Stored as float16 [V,N,...] (V = 2 with flips):
+    half the memory of fp32, and its relative error (~5e-4) is far below what training notices.
+    Returns (features, path).
     """
     from models import feature_fingerprint
+    device = torch.device(device)
+    mixed_precision, dtype = autocast(device, amp)
     digest = hashlib.sha256()
     _hash_tensor(digest, images)
-    digest.update(f"{feature_fingerprint(model)}|flips={flips}".encode())
+    digest.update(f"{feature_fingerprint(model)}|flips={flips}|{device.type}|{dtype}".encode())
     path = Path(cache_dir) / f"features-{digest.hexdigest()[:24]}.pt"
-    if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True), path
-    from tqdm import tqdm
-    device = torch.device(device)
-    variants = [images, images.flip(-1)] if flips else [images]
-    chunks = {}
-    mixed_precision, _ = autocast(device)
+    shape = (2 if flips else 1, len(images))
+    if path.exists() and (features := _load_features(path, shape)) is not None:
+        return features, path
     if device.type == "cuda":  # NHWC convolutions run faster on tensor cores; same numbers
         model.to(memory_format=torch.channels_last)
     model.eval()
-    steps = [(v, i) for v in range(len(variants)) for i in range(0, len(images), batch_size)]
-    with torch.inference_mode(), mixed_precision, tqdm(steps, desc="caching features", unit="batch",
-                                                disable=None if progress else True, leave=False) as bar:
-        for v, i in bar:
-            batch = variants[v][i:i + batch_size].to(device, non_blocking=True)
-            for key, value in model.image_features(batch).items():
-                chunks.setdefault(key, [[] for _ in variants])[v].append(value.half().cpu())
-    features = {key: torch.stack([torch.cat(parts) for parts in per_variant])
-                for key, per_variant in chunks.items()}
+    # Filled in place batch after batch: the peak is the result plus one batch (building
+    # lists of chunks and concatenating them held three copies of the result at once).
+    features = {}  # name -> float16 (V, N, ...), allocated at the first batch's shapes
+    steps = [(v, i) for v in range(shape[0]) for i in range(0, len(images), batch_size)]
+    with torch.inference_mode(), mixed_precision:
+        for v, i in progress(steps, "caching features", enabled=show_progress):
+            batch = images[i:i + batch_size].to(device, non_blocking=True)
+            for name, value in model.image_features(batch.flip(-1) if v else batch).items():
+                if name not in features:
+                    features[name] = torch.empty((*shape, *value.shape[1:]), dtype=torch.float16)
+                features[name][v, i:i + len(batch)] = value  # cast to float16, copied to the host
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:  # a killed run never leaves a half-written cache
+    with atomic_write(path) as tmp:  # a killed or concurrent run never leaves a half-written cache
         torch.save(features, tmp)
-    return features, path
+    del features  # read back memory-mapped, as a later run would
+    return _load_features(path, shape), path

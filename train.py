@@ -3,6 +3,7 @@
     python train.py --model b                      # the reference configuration, 100 epochs
     python train.py --model a --epochs 5 --no-pretrained
     python train.py --model b --resume             # continue checkpoints/model_b/last.pt
+    torchrun --nproc_per_node 2 train.py --model b # DistributedDataParallel, one process a GPU
 
 With the trunk frozen (the default) every image goes through ResNet-18 once (and once
 mirrored) into data/cache, and the epochs train on those features. Writes
@@ -13,26 +14,33 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
-    load_text_pool, load_tokenizer, pick_device
+    load_text_pool, load_tokenizer, pick_device, progress
 from evaluate import evaluate, scores
 from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
     check_compatible, describe, load_checkpoint, save_checkpoint
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss",
                "val_accuracy", "val_macro_f1", "lr", "samples_per_s", "seconds"]
-RESUME_MAY_CHANGE = ("epochs", "device", "resume", "overwrite")  # the rest comes from args.json
+# A resume takes every setting from args.json; these may be given again to change them.
+# --data must hold compatible data (check_compatible); --out and --run say where the run is.
+RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data",
+                     "resume", "overwrite", "out", "run")
 
 
 def parse_args(argv=None):
+    """-> (args, the names of the flags given on the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["a", "b"], required=True)
     p.add_argument("--data", default="data/processed")
@@ -40,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--run", default=None, help="run name (default model_a / model_b)")
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="the global batch, over all processes")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)  # torch's AdamW default, as the reference
     p.add_argument("--backbone-lr-scale", type=float, default=0.1,
@@ -67,8 +75,46 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing run")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # Parsed again over a namespace of markers: a flag still holding its marker was not given.
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     args.run = args.run or f"model_{args.model}"
-    return args
+    return args, {name for name, value in vars(given).items() if value is not unset}
+
+
+@dataclass
+class Distributed:
+    """Where this process stands under torchrun (RANK, WORLD_SIZE, LOCAL_RANK); 0, 1, 0 alone."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self):  # rank 0 alone builds the cache, prints, and writes the run's files
+        return self.rank == 0
+
+
+def init_distributed(device_name):
+    """-> (Distributed, device): one process a GPU under torchrun (nccl), or CPU processes (gloo)."""
+    ranks = Distributed(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    device = pick_device(device_name)
+    if ranks.world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
+
+
+def all_ranks(labels, preds, loss_sum):
+    """(labels, preds, summed loss) of one rank's samples -> those of every rank's samples."""
+    parts = [(labels, preds, loss_sum)]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (labels, preds, loss_sum))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            sum(p[2] for p in parts))
 
 
 def lr_factor(step, total_steps, args):
@@ -81,18 +127,14 @@ def lr_factor(step, total_steps, args):
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def write_text(path, text):
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
 def write_log(path, rows):
     """log.csv holding `rows`: none for a new run, the checkpointed epochs on a resume."""
     out = io.StringIO()
     writer = csv.DictWriter(out, LOG_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, out.getvalue())
+    with atomic_write(path) as tmp:
+        tmp.write_text(out.getvalue())
 
 
 def plot_curves(rows, path):
@@ -111,32 +153,41 @@ def plot_curves(rows, path):
     plt.close(fig)
 
 
-def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0,
-                lr_at=lambda step: 1.0, step_model=None, desc="train"):
-    """One pass over `batches`: returns (predictions, labels, summed loss, next step).
-    `step_model` is the compiled model when --compile is on; `model` owns the parameters."""
-    step_model = model if step_model is None else step_model
-    model.train()
-    loss_sum, preds, labels = 0.0, [], []
-    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(step)
-        with mixed_precision:
-            logits = step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                                image_features=batch.get("image_features"))
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-        scaler.scale(loss).backward()
-        if clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_sum += loss.item() * len(batch["labels"])
-        preds.append(logits.argmax(1).cpu())
-        labels.append(batch["labels"].cpu())
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), loss_sum, step
+def resume_args(args, given, run_dir):
+    """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
+    this command line; any other given flag that differs would silently change the run."""
+    if not (run_dir / "last.pt").exists():
+        raise DataError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
+    for name in ("args.json", "log.csv"):
+        if not (run_dir / name).exists():
+            raise DataError(f"cannot resume {run_dir}: its {name} is missing (written at the start "
+                            "of every run): restore it, or start again with --overwrite")
+    saved = json.loads((run_dir / "args.json").read_text())
+    refused = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {saved[name]})"
+               for name in sorted(given) if name not in RESUME_MAY_CHANGE and name in saved
+               and saved[name] != getattr(args, name)]
+    if refused:
+        raise DataError(f"--resume continues {run_dir} as its args.json says; these flags would "
+                        f"change it: {', '.join(refused)}. Drop them, or start a new run with --run NAME")
+    kept = {name: value for name, value in saved.items() if name in vars(args) and name not in given}
+    return argparse.Namespace(**{**vars(args), **kept, "out": args.out, "run": args.run})
+
+
+@dataclass
+class Counters:
+    """Where a run stands after `epoch` epochs; checkpointed, so a resume continues from it."""
+    epoch: int = 0
+    step: int = 0
+    best_f1: float = -1.0
+    stale: int = 0  # epochs since val macro-F1 last improved
+    train_seconds: float = 0.0  # the epochs plus building the cache, for the results table
+
+    def record(self, epoch, val_macro_f1):
+        """Count a finished epoch -> whether val macro-F1 improved (best.pt is then written)."""
+        improved = val_macro_f1 > self.best_f1
+        self.epoch, self.best_f1 = epoch, max(self.best_f1, val_macro_f1)
+        self.stale = 0 if improved else self.stale + 1
+        return improved
 
 
 def build(args, meta, tokenizer, device, run_dir):
@@ -153,147 +204,233 @@ def build(args, meta, tokenizer, device, run_dir):
     return build_model(cfg).to(device), None
 
 
-def train(args):
-    device = pick_device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no-op on CPU
-    torch.backends.cudnn.allow_tf32 = True
-    run_dir = Path(args.out) / args.run
-    if args.resume:
-        if not (run_dir / "last.pt").exists():
-            raise DataError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
-        saved = json.loads((run_dir / "args.json").read_text())
-        for key, value in saved.items():
-            if key not in RESUME_MAY_CHANGE:
-                setattr(args, key, value)
-    elif (run_dir / "last.pt").exists() and not args.overwrite:
-        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                        "--run NAME for a new one, or --overwrite to replace it")
-    torch.manual_seed(args.seed)  # model init and dropout
-    meta, tokenizer = load_meta(args.data), load_tokenizer(args.data)
-    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    model, state = build(args, meta, tokenizer, device, run_dir)
-    use_cache = not (args.no_cache or model.cfg.finetune)
-    mixed_precision, amp_dtype = autocast(device, args.amp)
-    print(f"torch {torch.__version__} | device {device} | amp {amp_dtype} | "
-          f"{'cached features' if use_cache else 'images through the trunk'}")
-    print(f"model {args.model}: {describe(model)} | {model.cfg}")
-    if not model.cfg.pretrained:
-        print("note: random trunk (--no-pretrained): image features are not ImageNet's")
-
-    flip = not args.no_flip
-    train_features = val_features = None
-    cache_seconds = 0.0
-    if use_cache:
-        t0 = time.time()
-        train_features, path = cached_features(model, train_split["images"], args.cache_dir,
-                                               device, flips=flip)
-        val_features, _ = cached_features(model, val_split["images"], args.cache_dir, device,
-                                          flips=False)
-        cache_seconds = time.time() - t0
-        print(f"features: {path.parent} ({cache_seconds:.1f} s)")
-    text_pool = None if args.no_redraw else load_text_pool(args.data)
-    train_batches = Batches(train_split, args.batch_size, device, features=train_features,
-                            shuffle=True, flip=flip, text_pool=text_pool, seed=args.seed)
-    val_batches = Batches(val_split, 256, device, features=val_features)
-
+def make_optimizer(model, args, device):
     trunk = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("image_encoder.")]
     head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("image_encoder.")]
     groups = [{"params": head, "base_lr": args.lr}]
     if trunk:  # fine-tuning: a pretrained trunk wants a gentler step than a fresh head
         groups.append({"params": trunk, "base_lr": args.lr * args.backbone_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
+    # the device (the unfused step reads it with .item(), a host sync every step)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def make_batches(args, model, device, ranks):
+    """Train and val batches (val split across ranks) and the seconds spent on the cache."""
+    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    flip, train_features, val_features, seconds = not args.no_flip, None, None, 0.0
+    if not (args.no_cache or model.cfg.finetune):
+        t0 = time.time()
+        if not ranks.master:
+            dist.barrier()  # rank 0 builds the cache; the others wait, then load it
+        train_features, path = cached_features(model, train_split["images"], args.cache_dir, device,
+                                               flips=flip, amp=args.amp, show_progress=ranks.master)
+        val_features, _ = cached_features(model, val_split["images"], args.cache_dir, device,
+                                          flips=False, amp=args.amp, show_progress=ranks.master)
+        if ranks.master and ranks.world_size > 1:
+            dist.barrier()
+        seconds = time.time() - t0
+        if ranks.master:
+            print(f"features: {path.parent} ({seconds:.1f} s)")
+    text_pool = None if args.no_redraw else load_text_pool(args.data)
+    train_batches = Batches(train_split, args.batch_size, device, features=train_features,
+                            shuffle=True, flip=flip, text_pool=text_pool, seed=args.seed,
+                            rank=ranks.rank, world_size=ranks.world_size)
+    # each rank scores a contiguous share of val; all_ranks() puts the predictions together
+    n = len(val_split["labels"])
+    share = slice(n * ranks.rank // ranks.world_size, n * (ranks.rank + 1) // ranks.world_size)
+    val_split = {k: v[share] for k, v in val_split.items()}
+    val_features = None if val_features is None else {k: v[:, share] for k, v in val_features.items()}
+    return train_batches, Batches(val_split, 256, device, features=val_features), seconds
+
+
+def restore(state, optimizer, scaler, train_batches, device, ranks):
+    """Exact resume: every source of randomness picks up where it was. -> Counters."""
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
+        scaler.load_state_dict(state["scaler"])
+    train_batches.generator.set_state(state["rng_batches"])
+    if ranks.rank < len(state["rng"]):  # a rank the saved run did not have keeps its own seed
+        rng = state["rng"][ranks.rank]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+    return Counters(**{f.name: state[f.name] for f in fields(Counters)})
+
+
+def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0,
+                lr_at=lambda step: 1.0, step_model=None, world_size=1, desc="train", show_progress=True):
+    """One pass over `batches` -> (predictions, labels, summed loss, next step), all on the
+    device: nothing in the loop waits for it. `step_model` is the compiled or DDP-wrapped
+    model when there is one; `model` owns the parameters."""
+    step_model = model if step_model is None else step_model
+    step_model.train()
+    loss_sum, preds, labels = torch.zeros((), device=batches.device), [], []
+    for batch in progress(batches, desc, enabled=show_progress):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_at(step)
+        with mixed_precision:
+            logits = step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
+                                image_features=batch.get("image_features"))
+            summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean
+        # over the whole global batch, even when the ranks' slices differ in size
+        scaler.scale(summed * (world_size / batch["global_size"])).backward()
+        if clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum += summed.detach()
+        preds.append(logits.argmax(1))
+        labels.append(batch["labels"])
+    return torch.cat(preds), torch.cat(labels), loss_sum, step
+
+
+def run_epoch(epoch, counters, model, step_model, train_batches, val_batches, optimizer, scaler,
+              mixed_precision, args, ranks):
+    """Train one epoch and score val -> the log row (metrics over every rank)."""
+    total_steps = args.epochs * len(train_batches)
+    t0 = time.time()
+    preds, labels, loss_sum, counters.step = train_epoch(
+        model, train_batches, optimizer, scaler, mixed_precision, step=counters.step, clip=args.clip,
+        lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model,
+        world_size=ranks.world_size, desc=f"epoch {epoch}", show_progress=ranks.master)
+    labels, preds, loss_sum = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
+    seconds = time.time() - t0
+    counters.train_seconds += seconds
+    val = evaluate(model, val_batches, mixed_precision)
+    val_labels, val_preds, val_loss = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
+    train_scores, val_scores = scores(labels, preds), scores(val_labels, val_preds)
+    return {"epoch": epoch, "train_loss": loss_sum / len(labels),
+            "train_accuracy": train_scores["accuracy"], "train_macro_f1": train_scores["macro_f1"],
+            "val_loss": val_loss / len(val_labels), "val_accuracy": val_scores["accuracy"],
+            "val_macro_f1": val_scores["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": len(labels) / seconds, "seconds": seconds}
+
+
+def log_epoch(run_dir, rows, row, improved, epochs):
+    """Append the epoch to log.csv (and to `rows`, as written there) and print its line."""
+    rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    with open(run_dir / "log.csv", "a", newline="") as f:
+        csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n").writerow(rows[-1])
+    print(f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
+          f"acc {row['train_accuracy']:.4f} f1 {row['train_macro_f1']:.4f} | val loss "
+          f"{row['val_loss']:.4f} acc {row['val_accuracy']:.4f} f1 {row['val_macro_f1']:.4f}"
+          f"{' *' if improved else '  '} | lr {row['lr']:.2e} | "
+          f"{row['samples_per_s']:.0f} samples/s | {row['seconds']:.1f} s", flush=True)
+
+
+def save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device, ranks):
+    """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
+    `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+    rngs = [rng]
+    if ranks.world_size > 1:  # each rank draws its own dropout masks
+        rngs = [None] * ranks.world_size
+        dist.all_gather_object(rngs, rng)
+    if not ranks.master:
+        return
+    last = {k: float(v) for k, v in rows[-1].items() if k != "epoch"}
+    about = {**about, "metrics": {
+        "epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
+        "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
+        "best_val_accuracy": max(float(r["val_accuracy"]) for r in rows),
+        "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
+    if improved:
+        save_checkpoint(run_dir / "best.pt", model, **about)
+    save_checkpoint(run_dir / "last.pt", model, **about, train_state={
+        **asdict(counters), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng_batches": train_batches.generator.get_state(), "rng": rngs})
+
+
+def train(args, given):
+    run_dir = Path(args.out) / args.run
+    if args.resume:
+        args = resume_args(args, given, run_dir)
+    elif (run_dir / "last.pt").exists() and not args.overwrite:
+        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                        "--run NAME for a new one, or --overwrite to replace it")
+    ranks, device = init_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no-op on CPU
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # model init: the same on every rank
+    meta, tokenizer = load_meta(args.data), load_tokenizer(args.data)
+    model, state = build(args, meta, tokenizer, device, run_dir)
+    torch.manual_seed(args.seed + ranks.rank)  # dropout: each rank draws its own masks
+    mixed_precision, amp_dtype = autocast(device, args.amp)
+    if ranks.master:
+        print(f"torch {torch.__version__} | device {device} x {ranks.world_size} | amp {amp_dtype} | "
+              f"{'images through the trunk' if args.no_cache or model.cfg.finetune else 'cached features'}")
+        print(f"model {args.model}: {describe(model)} | {model.cfg}")
+        if not model.cfg.pretrained:
+            print("note: random trunk (--no-pretrained): image features are not ImageNet's")
+    train_batches, val_batches, cache_seconds = make_batches(args, model, device, ranks)
+    optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if args.compile else model
+    if ranks.world_size > 1:  # the frozen trunk has no gradients: DDP syncs the head only
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # train_seconds: wall time of the epochs plus building the cache, for the results table
-    start_epoch, step, best_f1, stale, rows, train_seconds = 1, 0, -1.0, 0, [], cache_seconds
-    if state is not None:  # exact resume: every source of randomness picks up where it was
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best_f1, stale = state["epoch"] + 1, state["step"], state["best_f1"], state["stale"]
-        train_seconds += state["train_seconds"]
-        torch.set_rng_state(state["rng_torch"])
-        train_batches.generator.set_state(state["rng_batches"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+    counters, rows = Counters(), []
+    if state is not None:
+        counters = restore(state, optimizer, scaler, train_batches, device, ranks)
         with open(run_dir / "log.csv", newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
-        # drop rows of an epoch that was logged but never checkpointed, then keep appending
-        write_log(run_dir / "log.csv", rows)
-    else:
+            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= counters.epoch]
+    counters.train_seconds += cache_seconds
+    if ranks.master:  # a resume drops rows of an epoch logged but never checkpointed
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "args.json", json.dumps(vars(args), indent=2))
-        write_log(run_dir / "log.csv", [])
+        with atomic_write(run_dir / "args.json") as tmp:
+            tmp.write_text(json.dumps(vars(args), indent=2))
+        write_log(run_dir / "log.csv", rows)
+    about = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"],
+                 image_size=meta["image_size"], args=vars(args))
 
-    total_steps = args.epochs * len(train_batches)
-    epoch = start_epoch
+    epoch = counters.epoch + 1
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            t0 = time.time()
-            preds, labels, loss_sum, step = train_epoch(
-                model, train_batches, optimizer, scaler, mixed_precision, step=step, clip=args.clip,
-                lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model,
-                desc=f"epoch {epoch}")
-            seconds, seen = time.time() - t0, len(labels)
-            val, train_scores = evaluate(model, val_batches, mixed_precision), scores(labels, preds)
-            row = {"epoch": epoch, "train_loss": loss_sum / seen,
-                   "train_accuracy": train_scores["accuracy"],
-                   "train_macro_f1": train_scores["macro_f1"],
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                   "val_macro_f1": val["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
-                   "samples_per_s": seen / seconds, "seconds": seconds}
-            train_seconds += seconds
-            rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-            with open(run_dir / "log.csv", "a", newline="") as f:
-                csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n").writerow(rows[-1])
-            improved = val["macro_f1"] > best_f1
-            best_f1, stale = (val["macro_f1"], 0) if improved else (best_f1, stale + 1)
-            print(f"epoch {epoch:3d}/{args.epochs} | train loss {row['train_loss']:.4f} "
-                  f"acc {row['train_accuracy']:.4f} f1 {row['train_macro_f1']:.4f} | val loss "
-                  f"{val['loss']:.4f} acc {val['accuracy']:.4f} f1 {val['macro_f1']:.4f}"
-                  f"{' *' if improved else '  '} | lr {row['lr']:.2e} | "
-                  f"{row['samples_per_s']:.0f} samples/s | {seconds:.1f} s", flush=True)
-
-            metrics = {"epoch": epoch, "train_accuracy": row["train_accuracy"],
-                       "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                       "best_val_accuracy": max(float(r["val_accuracy"]) for r in rows),
-                       "best_val_macro_f1": best_f1, "train_seconds": train_seconds}
-            common = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"],
-                          image_size=meta["image_size"], metrics=metrics, args=vars(args))
-            if improved:
-                save_checkpoint(run_dir / "best.pt", model, **common)
-            save_checkpoint(run_dir / "last.pt", model, **common, train_state={
-                "epoch": epoch, "step": step, "best_f1": best_f1, "stale": stale,
-                "train_seconds": train_seconds,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng_torch": torch.get_rng_state(), "rng_batches": train_batches.generator.get_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None})
-            if args.patience and stale >= args.patience:
-                print(f"early stop: val macro-F1 has not improved for {stale} epochs")
+        for epoch in range(counters.epoch + 1, args.epochs + 1):
+            row = run_epoch(epoch, counters, model, step_model, train_batches, val_batches,
+                            optimizer, scaler, mixed_precision, args, ranks)
+            improved = counters.record(epoch, row["val_macro_f1"])
+            if ranks.master:
+                log_epoch(run_dir, rows, row, improved, args.epochs)
+            save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about,
+                 device, ranks)
+            if args.patience and counters.stale >= args.patience:
+                print(f"early stop: val macro-F1 has not improved for {counters.stale} epochs"
+                      if ranks.master else "", end="\n" if ranks.master else "")
                 break
     except KeyboardInterrupt:
-        if not (run_dir / "last.pt").exists():
-            print(f"\ninterrupted in epoch {epoch}, before any checkpoint: nothing to resume",
-                  file=sys.stderr)
-            return 130
-        print(f"\ninterrupted in epoch {epoch}: {run_dir / 'last.pt'} holds epoch {epoch - 1}. "
-              f"Resume with:\n  python train.py --model {args.model} --out {args.out} "
-              f"--run {args.run} --resume", file=sys.stderr)
+        if ranks.master:
+            print(f"\ninterrupted in epoch {epoch}: " + (
+                f"{run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n  python train.py "
+                f"--model {args.model} --out {args.out} --run {args.run} --resume"
+                if (run_dir / "last.pt").exists() else "before any checkpoint: nothing to resume"),
+                file=sys.stderr)
         return 130
     finally:
-        if rows:
+        if rows and ranks.master:
             plot_curves(rows, run_dir / "curves.png")
-    print(f"best val macro-F1 {best_f1:.4f}: {run_dir / 'best.pt'}")
+    if ranks.master:
+        print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     try:
-        return train(args)
+        return train(args, given)
     except (DataError, CheckpointError, PretrainedWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

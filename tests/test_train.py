@@ -76,7 +76,7 @@ def test_resume_matches_straight_run(processed, tmp_path):
 def test_cached_and_uncached_first_step_agree(processed, tmp_path):
     model = small_model("b", processed)
     split, pool = load_split(processed, "train"), load_text_pool(processed)
-    features, _ = cached_features(model, split["images"], tmp_path, "cpu", flips=True, progress=False)
+    features, _ = cached_features(model, split["images"], tmp_path, "cpu", flips=True, show_progress=False)
     losses = []
     for feats in (features, None):
         batch = next(iter(Batches(split, 32, "cpu", features=feats, shuffle=True, flip=True,
@@ -92,11 +92,11 @@ def test_cached_and_uncached_first_step_agree(processed, tmp_path):
 def test_cache_key_follows_the_trunk_input(processed, tmp_path):
     images = load_split(processed, "val")["images"]
     _, path_64 = cached_features(small_model("a", processed, 64), images, tmp_path, "cpu",
-                                 flips=False, progress=False)
+                                 flips=False, show_progress=False)
     _, path_96 = cached_features(small_model("a", processed, 96), images, tmp_path, "cpu",
-                                 flips=False, progress=False)
+                                 flips=False, show_progress=False)
     _, again = cached_features(small_model("a", processed, 64), images, tmp_path, "cpu",
-                               flips=False, progress=False)
+                               flips=False, show_progress=False)
     assert path_64 != path_96 and again == path_64
 
 
