@@ -64,12 +64,17 @@ def atomic_dir(path):
 
 
 def pick_device(name="auto"):
-    """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error."""
+    """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error.
+    Under torchrun, CUDA is this process's own GPU (LOCAL_RANK), made the current one."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast(device, amp="auto"):
@@ -185,9 +190,10 @@ class Batches:
     with cached trunk features, dicts of [V,N,...] tensors where V=2 holds the flipped
     image's features too. `generator.get_state()` after a pass is all a resume needs.
 
-    Under torchrun every rank draws the same batches and takes its slice of each one
-    (`batch_size` is the global batch); `global_size` in each batch says how many samples
-    the whole batch holds, so the loss can be the mean over all of them.
+    Under torchrun (rank, world_size) every rank draws the same shuffled batches and takes its
+    slice of each one (`batch_size` is the global batch); `global_size` in each batch says how
+    many samples the whole batch holds, so the loss can be the mean over all of them. Without
+    shuffle (evaluation) each rank serves a contiguous share of the split instead.
 
     The image side (features or images) moves to the device once when it fits there
     (`on_device=None`: when it leaves a margin of free memory) and each batch is gathered on
@@ -218,8 +224,13 @@ class Batches:
             self.copied = None  # CUDA event: the last copy out of the buffers has finished
 
     def __len__(self):
+        if not self.shuffle:
+            return len(self._share().split(self.batch_size))
         n, batches = len(self.split["labels"]), -(-len(self.split["labels"]) // self.batch_size)
         return batches - (0 < n % self.batch_size < self.world_size)
+
+    def _share(self):
+        return torch.arange(len(self.split["labels"])).tensor_split(self.world_size)[self.rank]
 
     def _redraw_texts(self):
         """A random pool text of each image's class; classes without texts (Disgust and
@@ -273,13 +284,13 @@ class Batches:
         flipped = (torch.rand(n, generator=self.generator) < 0.5 if self.flip
                    else torch.zeros(n, dtype=torch.bool))
         if self.shuffle:
+            # This rank's slice of each global batch; a last batch too small to give every rank
+            # a sample is dropped (under torchrun only: fewer than world_size samples an epoch).
             batches = self._bucketed(torch.randperm(n, generator=self.generator), lengths)
+            mine = [(idx.tensor_split(self.world_size)[self.rank], len(idx))
+                    for idx in batches if len(idx) >= self.world_size]
         else:
-            batches = torch.arange(n).split(self.batch_size)
-        # This rank's slice of each global batch; a last batch too small to give every rank a
-        # sample is dropped (under torchrun only: fewer than world_size samples an epoch).
-        mine = [(idx.tensor_split(self.world_size)[self.rank], len(idx))
-                for idx in batches if len(idx) >= self.world_size]
+            mine = [(idx, len(idx)) for idx in self._share().split(self.batch_size)]
         order = torch.cat([idx for idx, _ in mine])  # (n,) sample indices, batch after batch
         rows = flipped[order].long() * n + order if self.cached else order
         # The epoch's text, labels and indices move to the device once; each step slices them.

@@ -31,12 +31,16 @@ from evaluate import evaluate, scores
 from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
     check_compatible, describe, load_checkpoint, save_checkpoint
 
-LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss",
-               "val_accuracy", "val_macro_f1", "lr", "samples_per_s", "seconds"]
+LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
+               "val_macro_f1", "lr", "samples_per_s", "seconds"]
 # A resume takes every setting from args.json; these may be given again to change them.
 # --data must hold compatible data (check_compatible); --out and --run say where the run is.
-RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data",
-                     "resume", "overwrite", "out", "run")
+# Set by torchrun (one process alone is rank 0 of 1), as nanoGPT reads them. Rank 0, the
+# master, alone builds the cache, prints, and writes the run's files.
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+MASTER = RANK == 0
+RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data", "resume",
+                     "overwrite", "out", "run")
 
 
 def parse_args(argv=None):
@@ -57,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     p.add_argument("--patience", type=int, default=0,
-                   help="stop after this many epochs without a better val macro-F1 (0: never)")
+                   help="stop after N epochs without a better val macro-F1 (0: never)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (A 0.5, B 0.2)")
     p.add_argument("--layers", type=int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=int, default=4, help="Model B attention heads")
@@ -82,39 +86,19 @@ def parse_args(argv=None):
     return args, {name for name, value in vars(given).items() if value is not unset}
 
 
-@dataclass
-class Distributed:
-    """Where this process stands under torchrun (RANK, WORLD_SIZE, LOCAL_RANK); 0, 1, 0 alone."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def master(self):  # rank 0 alone builds the cache, prints, and writes the run's files
-        return self.rank == 0
-
-
-def init_distributed(device_name):
-    """-> (Distributed, device): one process a GPU under torchrun (nccl), or CPU processes (gloo)."""
-    ranks = Distributed(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
-    device = pick_device(device_name)
-    if ranks.world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", ranks.local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ranks, device
+def gather(value):
+    """[value of rank 0, value of rank 1, ...]: every rank calls it and gets the list."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_ranks(labels, preds, loss_sum):
     """(labels, preds, summed loss) of one rank's samples -> those of every rank's samples."""
-    parts = [(labels, preds, loss_sum)]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (labels, preds, loss_sum))
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            sum(p[2] for p in parts))
+    parts = gather((labels, preds, loss_sum))
+    return [np.concatenate([p[i] for p in parts]) for i in (0, 1)] + [sum(p[2] for p in parts)]
 
 
 def lr_factor(step, total_steps, args):
@@ -125,16 +109,6 @@ def lr_factor(step, total_steps, args):
         return 1.0
     progress = (step - args.warmup) / max(1, total_steps - args.warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def write_log(path, rows):
-    """log.csv holding `rows`: none for a new run, the checkpointed epochs on a resume."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path) as tmp:
-        tmp.write_text(out.getvalue())
 
 
 def plot_curves(rows, path):
@@ -156,16 +130,12 @@ def plot_curves(rows, path):
 def resume_args(args, given, run_dir):
     """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
     this command line; any other given flag that differs would silently change the run."""
-    if not (run_dir / "last.pt").exists():
-        raise DataError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
-    for name in ("args.json", "log.csv"):
+    for name in ("last.pt", "args.json", "log.csv"):  # every run writes all three by its first epoch's end
         if not (run_dir / name).exists():
-            raise DataError(f"cannot resume {run_dir}: its {name} is missing (written at the start "
-                            "of every run): restore it, or start again with --overwrite")
+            raise DataError(f"cannot resume: {run_dir / name} does not exist (restore it, or start over)")
     saved = json.loads((run_dir / "args.json").read_text())
-    refused = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {saved[name]})"
-               for name in sorted(given) if name not in RESUME_MAY_CHANGE and name in saved
-               and saved[name] != getattr(args, name)]
+    refused = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
+               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != getattr(args, k)]
     if refused:
         raise DataError(f"--resume continues {run_dir} as its args.json says; these flags would "
                         f"change it: {', '.join(refused)}. Drop them, or start a new run with --run NAME")
@@ -182,13 +152,6 @@ class Counters:
     stale: int = 0  # epochs since val macro-F1 last improved
     train_seconds: float = 0.0  # the epochs plus building the cache, for the results table
 
-    def record(self, epoch, val_macro_f1):
-        """Count a finished epoch -> whether val macro-F1 improved (best.pt is then written)."""
-        improved = val_macro_f1 > self.best_f1
-        self.epoch, self.best_f1 = epoch, max(self.best_f1, val_macro_f1)
-        self.stale = 0 if improved else self.stale + 1
-        return improved
-
 
 def build(args, meta, tokenizer, device, run_dir):
     """The model, and the train state when resuming from last.pt."""
@@ -196,11 +159,11 @@ def build(args, meta, tokenizer, device, run_dir):
         model, _, info = load_checkpoint(run_dir / "last.pt", device)
         check_compatible(info, tokenizer, meta)  # the data may have been prepared again since
         return model, info["train_state"]
-    cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]),
-                      vocab_size=tokenizer.get_vocab_size(), max_len=meta["max_len"],
-                      input_size=args.input_size, pretrained=not args.no_pretrained,
-                      finetune=args.finetune_backbone, n_layers=args.layers, n_heads=args.heads,
-                      dropout=args.dropout, cross_attention=not args.no_cross_attention)
+    cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]), max_len=meta["max_len"],
+                      vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
+                      pretrained=not args.no_pretrained, finetune=args.finetune_backbone,
+                      n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
+                      cross_attention=not args.no_cross_attention)
     return build_model(cfg).to(device), None
 
 
@@ -212,47 +175,43 @@ def make_optimizer(model, args, device):
         groups.append({"params": trunk, "base_lr": args.lr * args.backbone_lr_scale})
     # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
     # the device (the unfused step reads it with .item(), a host sync every step)
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
 
 
-def make_batches(args, model, device, ranks):
+def make_batches(args, model, device):
     """Train and val batches (val split across ranks) and the seconds spent on the cache."""
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     flip, train_features, val_features, seconds = not args.no_flip, None, None, 0.0
     if not (args.no_cache or model.cfg.finetune):
         t0 = time.time()
-        if not ranks.master:
+        if not MASTER:
             dist.barrier()  # rank 0 builds the cache; the others wait, then load it
         train_features, path = cached_features(model, train_split["images"], args.cache_dir, device,
-                                               flips=flip, amp=args.amp, show_progress=ranks.master)
+                                               flips=flip, amp=args.amp, show_progress=MASTER)
         val_features, _ = cached_features(model, val_split["images"], args.cache_dir, device,
-                                          flips=False, amp=args.amp, show_progress=ranks.master)
-        if ranks.master and ranks.world_size > 1:
+                                          flips=False, amp=args.amp, show_progress=MASTER)
+        if MASTER and WORLD_SIZE > 1:
             dist.barrier()
         seconds = time.time() - t0
-        if ranks.master:
+        if MASTER:
             print(f"features: {path.parent} ({seconds:.1f} s)")
     text_pool = None if args.no_redraw else load_text_pool(args.data)
     train_batches = Batches(train_split, args.batch_size, device, features=train_features,
                             shuffle=True, flip=flip, text_pool=text_pool, seed=args.seed,
-                            rank=ranks.rank, world_size=ranks.world_size)
-    # each rank scores a contiguous share of val; all_ranks() puts the predictions together
-    n = len(val_split["labels"])
-    share = slice(n * ranks.rank // ranks.world_size, n * (ranks.rank + 1) // ranks.world_size)
-    val_split = {k: v[share] for k, v in val_split.items()}
-    val_features = None if val_features is None else {k: v[:, share] for k, v in val_features.items()}
-    return train_batches, Batches(val_split, 256, device, features=val_features), seconds
+                            rank=RANK, world_size=WORLD_SIZE)
+    # in order, each rank a contiguous share of val; all_ranks() puts the predictions together
+    val_batches = Batches(val_split, 256, device, features=val_features, rank=RANK, world_size=WORLD_SIZE)
+    return train_batches, val_batches, seconds
 
 
-def restore(state, optimizer, scaler, train_batches, device, ranks):
+def restore(state, optimizer, scaler, train_batches, device):
     """Exact resume: every source of randomness picks up where it was. -> Counters."""
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
         scaler.load_state_dict(state["scaler"])
     train_batches.generator.set_state(state["rng_batches"])
-    if ranks.rank < len(state["rng"]):  # a rank the saved run did not have keeps its own seed
-        rng = state["rng"][ranks.rank]
+    if RANK < len(state["rng"]):  # a rank the saved run did not have keeps its own seed
+        rng = state["rng"][RANK]
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
@@ -291,14 +250,14 @@ def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, cli
 
 
 def run_epoch(epoch, counters, model, step_model, train_batches, val_batches, optimizer, scaler,
-              mixed_precision, args, ranks):
+              mixed_precision, args):
     """Train one epoch and score val -> the log row (metrics over every rank)."""
     total_steps = args.epochs * len(train_batches)
     t0 = time.time()
     preds, labels, loss_sum, counters.step = train_epoch(
         model, train_batches, optimizer, scaler, mixed_precision, step=counters.step, clip=args.clip,
-        lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model,
-        world_size=ranks.world_size, desc=f"epoch {epoch}", show_progress=ranks.master)
+        lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model, world_size=WORLD_SIZE,
+        desc=f"epoch {epoch}", show_progress=MASTER)
     labels, preds, loss_sum = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
     seconds = time.time() - t0
     counters.train_seconds += seconds
@@ -324,16 +283,12 @@ def log_epoch(run_dir, rows, row, improved, epochs):
           f"{row['samples_per_s']:.0f} samples/s | {row['seconds']:.1f} s", flush=True)
 
 
-def save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device, ranks):
+def save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device):
     """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
     `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-    rngs = [rng]
-    if ranks.world_size > 1:  # each rank draws its own dropout masks
-        rngs = [None] * ranks.world_size
-        dist.all_gather_object(rngs, rng)
-    if not ranks.master:
+    rngs = gather({"torch": torch.get_rng_state(),  # each rank draws its own dropout masks
+                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
+    if not MASTER:
         return
     last = {k: float(v) for k, v in rows[-1].items() if k != "epoch"}
     about = {**about, "metrics": {
@@ -355,39 +310,44 @@ def train(args, given):
     elif (run_dir / "last.pt").exists() and not args.overwrite:
         raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
                         "--run NAME for a new one, or --overwrite to replace it")
-    ranks, device = init_distributed(args.device)
+    device = pick_device(args.device)  # under torchrun, this process's own GPU
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no-op on CPU
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # model init: the same on every rank
     meta, tokenizer = load_meta(args.data), load_tokenizer(args.data)
     model, state = build(args, meta, tokenizer, device, run_dir)
-    torch.manual_seed(args.seed + ranks.rank)  # dropout: each rank draws its own masks
+    torch.manual_seed(args.seed + RANK)  # dropout: each rank draws its own masks
     mixed_precision, amp_dtype = autocast(device, args.amp)
-    if ranks.master:
-        print(f"torch {torch.__version__} | device {device} x {ranks.world_size} | amp {amp_dtype} | "
-              f"{'images through the trunk' if args.no_cache or model.cfg.finetune else 'cached features'}")
-        print(f"model {args.model}: {describe(model)} | {model.cfg}")
+    if MASTER:
+        print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {amp_dtype} | "
+              f"{'images through the trunk' if args.no_cache or model.cfg.finetune else 'cached features'}"
+              f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
         if not model.cfg.pretrained:
             print("note: random trunk (--no-pretrained): image features are not ImageNet's")
-    train_batches, val_batches, cache_seconds = make_batches(args, model, device, ranks)
+    train_batches, val_batches, cache_seconds = make_batches(args, model, device)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if args.compile else model
-    if ranks.world_size > 1:  # the frozen trunk has no gradients: DDP syncs the head only
+    if WORLD_SIZE > 1:  # the frozen trunk has no gradients: DDP syncs the head only
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     counters, rows = Counters(), []
     if state is not None:
-        counters = restore(state, optimizer, scaler, train_batches, device, ranks)
+        counters = restore(state, optimizer, scaler, train_batches, device)
         with open(run_dir / "log.csv", newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= counters.epoch]
     counters.train_seconds += cache_seconds
-    if ranks.master:  # a resume drops rows of an epoch logged but never checkpointed
+    if MASTER:  # log.csv: a resume drops rows of an epoch logged but never checkpointed
         run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(run_dir / "args.json") as tmp:
-            tmp.write_text(json.dumps(vars(args), indent=2))
-        write_log(run_dir / "log.csv", rows)
+        log = io.StringIO()
+        writer = csv.DictWriter(log, LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader(), writer.writerows(rows)
+        for name, text in (("args.json", json.dumps(vars(args), indent=2)), ("log.csv", log.getvalue())):
+            with atomic_write(run_dir / name) as tmp:
+                tmp.write_text(text)
     about = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"],
                  image_size=meta["image_size"], args=vars(args))
 
@@ -395,18 +355,19 @@ def train(args, given):
     try:
         for epoch in range(counters.epoch + 1, args.epochs + 1):
             row = run_epoch(epoch, counters, model, step_model, train_batches, val_batches,
-                            optimizer, scaler, mixed_precision, args, ranks)
-            improved = counters.record(epoch, row["val_macro_f1"])
-            if ranks.master:
+                            optimizer, scaler, mixed_precision, args)
+            improved = row["val_macro_f1"] > counters.best_f1  # then best.pt is written too
+            counters.epoch, counters.best_f1 = epoch, max(counters.best_f1, row["val_macro_f1"])
+            counters.stale = 0 if improved else counters.stale + 1
+            if MASTER:
                 log_epoch(run_dir, rows, row, improved, args.epochs)
-            save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about,
-                 device, ranks)
+            save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device)
             if args.patience and counters.stale >= args.patience:
-                print(f"early stop: val macro-F1 has not improved for {counters.stale} epochs"
-                      if ranks.master else "", end="\n" if ranks.master else "")
+                if MASTER:
+                    print(f"early stop: val macro-F1 has not improved for {counters.stale} epochs")
                 break
     except KeyboardInterrupt:
-        if ranks.master:
+        if MASTER:
             print(f"\ninterrupted in epoch {epoch}: " + (
                 f"{run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n  python train.py "
                 f"--model {args.model} --out {args.out} --run {args.run} --resume"
@@ -414,9 +375,9 @@ def train(args, given):
                 file=sys.stderr)
         return 130
     finally:
-        if rows and ranks.master:
+        if rows and MASTER:
             plot_curves(rows, run_dir / "curves.png")
-    if ranks.master:
+    if MASTER:
         print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0
 

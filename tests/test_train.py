@@ -1,5 +1,7 @@
 """train.py: the loop learns, resumes exactly, caches correctly and stops cleanly."""
 import csv
+import shutil
+import threading
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch.nn.functional as F
 
 import train
 from conftest import TINY
-from data import Batches, cached_features, load_split, load_text_pool, load_tokenizer
+from data import Batches, autocast, cached_features, load_split, load_text_pool, load_tokenizer, \
+    progress
 from models import ModelConfig, build_model, load_checkpoint
 
 TIMING = ("samples_per_s", "seconds")
@@ -89,15 +92,12 @@ def test_cached_and_uncached_first_step_agree(processed, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-3)  # the cache stores float16
 
 
-def test_cache_key_follows_the_trunk_input(processed, tmp_path):
+def test_cache_key_follows_the_trunk_input_and_the_dtype(processed, tmp_path):
     images = load_split(processed, "val")["images"]
-    _, path_64 = cached_features(small_model("a", processed, 64), images, tmp_path, "cpu",
-                                 flips=False, show_progress=False)
-    _, path_96 = cached_features(small_model("a", processed, 96), images, tmp_path, "cpu",
-                                 flips=False, show_progress=False)
-    _, again = cached_features(small_model("a", processed, 64), images, tmp_path, "cpu",
-                               flips=False, show_progress=False)
-    assert path_64 != path_96 and again == path_64
+    paths = [cached_features(small_model("a", processed, size), images, tmp_path, "cpu", flips=False,
+                             amp=amp, show_progress=False)[1]
+             for size, amp in ((64, "off"), (96, "off"), (64, "bf16"), (64, "off"))]
+    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
 
 
 def test_checkpoints_are_self_contained(runs):
@@ -132,3 +132,122 @@ def test_interrupt_leaves_a_resumable_run(processed, tmp_path, monkeypatch, caps
     assert "--resume" in err and "epoch 1" in err
     _, _, info = load_checkpoint(tmp_path / "model_a" / "last.pt")
     assert info["train_state"]["epoch"] == 1
+
+
+def test_resume_refuses_flags_that_change_the_run(runs, capsys):
+    assert train.main(["--model", "a", "--out", str(runs), "--resume", "--lr", "0.5",
+                       "--batch-size", "8", "--epochs", "5", "--patience", "1", "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:")
+    assert "--lr 0.5" in err and "--batch-size 8" in err  # --seed 0 is the run's own: not named
+    assert "--epochs" not in err and "--patience" not in err and "--seed" not in err
+
+
+@pytest.mark.parametrize("missing", ["args.json", "log.csv"])
+def test_resume_without_its_files_is_one_line(missing, runs, tmp_path, capsys):
+    shutil.copytree(runs / "model_a", tmp_path / "model_a")
+    (tmp_path / "model_a" / missing).unlink()
+    assert train.main(["--model", "a", "--out", str(tmp_path), "--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and missing in err
+    assert not (tmp_path / "model_a" / missing).exists()
+
+
+def test_resume_skips_an_empty_scaler_state(runs, processed):
+    # A CPU (or bf16) run saves a disabled GradScaler's empty state; an fp16 run resumes it.
+    model, _, info = load_checkpoint(runs / "model_a" / "last.pt")
+    state = info["train_state"]
+    assert state["scaler"] == {}
+    args, _ = train.parse_args(["--model", "a"])
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    batches = Batches(load_split(processed, "val"), 32, "cpu")
+    counters = train.restore(state, optimizer, scaler, batches, torch.device("cpu"))
+    assert counters.epoch == 2 and scaler.get_scale() == 2.0 ** 10
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # only the dtype choice is asked
+def test_amp_auto_takes_bf16_only_where_it_is_native(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast(cuda, "auto")[1] == torch.float16  # a T4 or V100: bf16 only emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast(cuda, "auto")[1] == torch.bfloat16  # compute capability 8.0 and later
+    assert autocast(torch.device("cpu"), "auto")[1] is None
+
+
+def test_progress_lines_when_output_is_not_a_terminal(capsys):
+    assert list(progress(range(5), "epoch 1", every=0)) == list(range(5))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("epoch 1: 1/5 batches |") and "ETA" in lines[0]
+
+
+def test_device_gather_and_pinned_buffer_serve_the_same_batches(processed):
+    split = load_split(processed, "train")
+    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
+    served = [Batches(split, 50, "cpu", features=features, shuffle=True, flip=True, on_device=where)
+              for where in (True, False)]
+    for a, b in zip(*served):  # the buffer is reused: compare each batch as it comes
+        assert torch.equal(a["image_features"]["pooled"], b["image_features"]["pooled"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_ranks_take_slices_of_the_same_global_batches(processed):
+    split = load_split(processed, "train")  # 420 pairs: batches of 25 split 13 + 12, the last 10 + 10
+    whole = list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4))
+    parts = [list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 17
+    for batch, first, second in zip(whole, *parts):
+        assert batch["global_size"] == first["global_size"] == len(batch["labels"])
+        assert torch.equal(batch["labels"], torch.cat([first["labels"], second["labels"]]))
+        assert torch.equal(batch["images"], torch.cat([first["images"], second["images"]]))
+
+
+def test_batches_on_the_meta_device_keep_lengths_on_the_cpu(processed):
+    split = load_split(processed, "val")
+    features = {"pooled": torch.zeros(1, len(split["labels"]), 8), "regions": torch.zeros(1, len(split["labels"]), 4, 8)}
+    batch = next(iter(Batches(split, 16, "meta", features=features)))
+    assert batch["image_features"]["regions"].device.type == "meta"
+    assert batch["image_features"]["regions"].shape == (16, 4, 8)
+    assert batch["input_ids"].device.type == "meta" and batch["lengths"].device.type == "cpu"
+
+
+def test_a_cache_that_does_not_load_is_rebuilt(processed, tmp_path, capsys):
+    model, images = small_model("a", processed), load_split(processed, "val")["images"]
+    first, path = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
+    first = {k: v.clone() for k, v in first.items()}
+    path.write_bytes(path.read_bytes()[:1000])  # a disk that filled up, a copy cut short
+    again, same = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
+    err = capsys.readouterr().err
+    assert same == path and err.count("\n") == 1 and "building it again" in err
+    assert torch.equal(again["pooled"], first["pooled"])
+
+
+def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
+    # Two runs sharing data/cache: both write their file before either renames it into place
+    # (the interleaving that lost one run's file when they shared one temporary name).
+    images = load_split(processed, "val")["images"]
+    both_written, save = threading.Barrier(2, timeout=60), torch.save
+
+    def save_then_wait(obj, f):
+        save(obj, f)
+        both_written.wait()
+
+    monkeypatch.setattr(torch, "save", save_then_wait)
+    results, errors = [], []
+
+    def build(model):
+        try:
+            results.append(cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=build, args=(small_model("a", processed),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0][1] == results[1][1]
+    assert torch.equal(results[0][0]["pooled"], results[1][0]["pooled"])
+    assert [p.name for p in tmp_path.iterdir()] == [results[0][1].name]  # no temporary left
