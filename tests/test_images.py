@@ -1,0 +1,118 @@
+"""images.py: one reader for every image, faces found in a real photo and cropped like the training data."""
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import DataError
+from images import (FACE_MARGIN, centre_square, crop_square, detect_faces, face_square, load_photo, read_image,
+                    to_gray)
+
+PHOTO = Path(__file__).resolve().parent / "fixtures" / "astronaut.jpg"  # 320 x 320, one face
+HAND_BOX = (112, 47, 55, 62)  # the face measured by eye on the photo: cheek to cheek, hairline to chin
+
+
+def iou(a, b):
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h / (aw * ah + bw * bh - w * h)
+
+
+def bomb_png(path, side=20000):
+    """A valid PNG header for side x side pixels (over Pillow's bomb limit) with almost no data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit gray
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_detector_finds_the_one_face():
+    boxes = detect_faces(to_gray(load_photo(PHOTO)))
+    assert len(boxes) == 1 and iou(boxes[0], HAND_BOX) >= 0.5
+
+
+def test_boxes_of_a_large_photo_are_in_its_own_pixels():
+    # Detection runs on a copy shrunk by a whole factor (here 4): boxes must be scaled back.
+    canvas = np.full((1500, 2000), 128, np.uint8)
+    canvas[300:1260, 700:1660] = np.array(Image.open(PHOTO).convert("L").resize((960, 960)))
+    boxes = detect_faces(canvas)
+    expected = (700 + 3 * HAND_BOX[0], 300 + 3 * HAND_BOX[1], 3 * HAND_BOX[2], 3 * HAND_BOX[3])
+    assert len(boxes) == 1 and iou(boxes[0], expected) >= 0.5
+
+
+@pytest.mark.parametrize("orientation,stored", [(6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)])
+def test_exif_orientation_gives_the_same_box(tmp_path, orientation, stored):
+    # A phone stores the sensor's pixels sideways and an EXIF tag that says how to turn them.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"turned{orientation}.jpg"
+    Image.open(PHOTO).transpose(stored).save(path, exif=exif, quality=95)
+    assert detect_faces(to_gray(load_photo(path))) == detect_faces(to_gray(load_photo(PHOTO)))
+
+
+def test_two_copies_side_by_side_give_two_faces_largest_first():
+    photo = to_gray(load_photo(PHOTO))
+    small = np.array(Image.fromarray(photo).resize((240, 240)))
+    canvas = np.full((320, 560), 128, np.uint8)
+    canvas[:, :320], canvas[40:280, 320:] = photo, small
+    boxes = detect_faces(canvas)
+    assert len(boxes) == 2
+    assert iou(boxes[0], HAND_BOX) >= 0.5 and boxes[1][0] > 320  # the full-size face first
+    assert boxes[0][2] > boxes[1][2]
+
+
+def test_gradient_has_no_face():
+    assert detect_faces(np.tile(np.linspace(0, 255, 400).astype(np.uint8), (300, 1))) == []
+
+
+def test_face_square_adds_the_margin_and_a_filled_frame_is_used_whole():
+    assert face_square((100, 100, 40, 40), (1000, 1000)) == (93, 93, round(40 * (1 + FACE_MARGIN)))
+    # A face crop already: the square around its box would nearly cover the frame.
+    assert face_square((10, 12, 60, 60), (80, 90)) == centre_square((80, 90)) == (5, 0, 80)
+
+
+def test_crop_past_the_edge_replicates_the_edge_pixels():
+    gray = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    crop = crop_square(gray, (-5, 5, 10), 10)  # 5 columns left of the image, 5 rows below it
+    assert (crop[:5, :5] == gray[5:, :1]).all()  # the left edge column, repeated
+    assert (crop[5:, 5:] == gray[9:, :5]).all()  # the bottom row, repeated
+    assert (crop[:5, 5:] == gray[5:, :5]).all()  # the part inside, untouched
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
+    eight = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint16)
+    Image.fromarray(eight * 257).save(tmp_path / "deep.png")  # full 16-bit range
+    Image.fromarray(eight * 256).save(tmp_path / "shifted.png")  # 8 bits in the high byte
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert (load_photo(tmp_path / "deep.png") == eight).all()
+    assert (load_photo(tmp_path / "shifted.png") == eight).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white(tmp_path, mode):
+    # Left half opaque gray 90; right half transparent, its color stored as black (as exporters do).
+    if mode == "P":
+        image, extra = Image.new("P", (20, 20), 0), {"transparency": 0}  # palette entry 0 is transparent
+        image.putpalette([0, 0, 0, 90, 90, 90])
+        image.paste(1, (0, 0, 10, 20))
+    else:
+        image, extra = Image.new("RGBA", (20, 20), (0, 0, 0, 0)), {}
+        image.paste((90, 90, 90, 255), (0, 0, 10, 20))
+        image = image.convert(mode)
+    image.save(tmp_path / "clear.png", **extra)
+    gray = read_image(tmp_path / "clear.png", 20)
+    assert (gray[:, 11:] == 255).all() and (gray[:, :9] == 90).all()
+
+
+def test_bad_files_are_data_errors(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    for path, words in [(bomb_png(tmp_path / "bomb.png"), "too many pixels"),
+                        (tmp_path / "notes.png", "not an image"), (tmp_path / "none.png", "no such file")]:
+        with pytest.raises(DataError, match=words):
+            read_image(path, 75)
