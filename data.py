@@ -6,7 +6,8 @@
         logits = model(batch["input_ids"], batch["lengths"], images=batch["images"])
 
 prepare_data.py writes data/processed; this module only reads it (and writes the
-feature cache under data/cache). The whole data set is a few hundred MB of uint8,
+feature cache under data/cache). The device, precision and progress choices every script
+shares live here too, in one place. The whole data set is a few hundred MB of uint8,
 so it lives in memory and is served without a DataLoader: a seeded permutation,
 slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
 """
@@ -230,6 +231,7 @@ class Batches:
         return batches - (0 < n % self.batch_size < self.world_size)
 
     def _share(self):
+        """This rank's contiguous share of the sample indices (all of them on one process)."""
         return torch.arange(len(self.split["labels"])).tensor_split(self.world_size)[self.rank]
 
     def _redraw_texts(self):
