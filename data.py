@@ -38,14 +38,16 @@ def atomic_write(path):
     """Yield a temporary name beside `path`; it replaces `path` only when the block ends
     without an error, so no reader (or later run) ever sees a half-written file."""
     path = Path(path)
-    # A name unique to the process: two runs writing one file (a shared data/cache) never
-    # write into each other's temporary file; the last os.replace wins, whole.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # A folder unique to the process: two runs writing one file (a shared data/cache) never
+    # write into each other's temporary file; the last os.replace wins, whole. The file
+    # keeps its own name inside it, because torch.save records the name in its bytes.
+    folder = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    folder.mkdir(parents=True)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        yield folder / path.name
+        os.replace(folder / path.name, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

@@ -93,13 +93,13 @@ def explain_text(model, crop, input_ids, length, target, device):
     -> effect of each token on P(target) [n] (positive: it pushes towards target), and Model B's
     cross-attention on row 0 as a (g, g) map over the region grid (None for Model A)."""
     ids = input_ids[0, :length].long()  # (n,)
-    drop_one = ~torch.eye(length, dtype=torch.bool)  # (n, n): row i keeps every token but i
-    without = torch.nn.functional.pad(ids.expand(length, length)[drop_one].view(length, length - 1), (0, 1))
-    batch = torch.cat([ids[None], without]).to(device)  # (n + 1, n)
+    keep = ~torch.eye(length, dtype=torch.bool)  # (n, n): row i keeps every token but the i-th
+    batch = torch.zeros(length + 1, length, dtype=torch.long)  # (n + 1, n), 0 = pad
+    batch[0], batch[1:, :length - 1] = ids, ids.expand(length, length)[keep].view(length, length - 1)
     lengths = torch.tensor([length] + [length - 1] * length)
     features = model.image_features(crop[None].to(device))  # the trunk runs once, not n + 1 times
     features = {name: value.expand(length + 1, *value.shape[1:]) for name, value in features.items()}
-    logits, attention = model(batch, lengths, image_features=features, return_attention=True)
+    logits, attention = model(batch.to(device), lengths, image_features=features, return_attention=True)
     probs = logits.float().softmax(1).cpu()  # (n + 1, C)
     effects = probs[0, target] - probs[1:, target]  # (n,)
     if attention is None:
@@ -125,8 +125,9 @@ def occlusion_map(model, crop, input_ids, lengths, target, device):
 def draw_sentence(ax, text, offsets, effects, label):
     """The sentence with each token shaded by its leave-one-out effect, wrapped at 70 characters."""
     import matplotlib.pyplot as plt
-    # Full color at the largest effect, but never below 0.05: small effects stay pale.
-    cmap, scale = plt.get_cmap("RdBu_r"), max(float(effects.abs().max()), 0.05)
+    # The largest effect gets the strongest shade (never for less than 0.05: small effects stay
+    # pale); the shades stop short of the colormap's dark ends, where black text is unreadable.
+    cmap, scale = plt.get_cmap("RdBu_r"), max(float(effects.abs().max()), 0.05) / 0.35
     pieces, end = [], 0  # (string, effect or None): the gaps between tokens stay unshaded
     for (start, stop), effect in zip(offsets, effects.tolist()):
         pieces += [(text[end:start], None)] if start > end else []
@@ -144,7 +145,8 @@ def draw_sentence(ax, text, offsets, effects, label):
             continue
         style = dict(fontsize=13, family="monospace", va="top")
         if effect is not None:
-            style["bbox"] = dict(facecolor=cmap(0.5 + effect / scale / 2), edgecolor="none", pad=1.5)
+            # pad 0: a padded box would paint over the neighbouring letters drawn before it
+            style["bbox"] = dict(facecolor=cmap(0.5 + effect / scale), edgecolor="none", pad=0)
         if previous is None:
             previous = ax.text(0.0, 0.85 - 0.3 * line, piece, transform=ax.transAxes, **style)
         else:  # the next piece starts where the last one ended (matplotlib's "rainbow text")
@@ -165,8 +167,8 @@ def explain(path, model, tokenizer, info, photo, boxes, square, crop, text, prob
     if heat is None:
         heat = occlusion_map(model, crop, input_ids, lengths, target, device)
         how = f"drop in P({classes[target]}) when a patch is grayed"
-    fig = plt.figure(figsize=(13, 6.2))
-    grid = fig.add_gridspec(2, 3, height_ratios=[4, 1.3], width_ratios=[1.2, 1, 1.1])
+    fig = plt.figure(figsize=(13, 5.6))
+    grid = fig.add_gridspec(2, 3, height_ratios=[4, 1], width_ratios=[1.2, 1, 1.1])
     ax = fig.add_subplot(grid[0, 0])
     step = -(-max(photo.shape[:2]) // 800)  # draw at most ~800 px: a 12 MP photo is slow to render
     height, width = photo.shape[:2]
@@ -175,14 +177,16 @@ def explain(path, model, tokenizer, info, photo, boxes, square, crop, text, prob
         ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, lw=2, color="lime" if index == 0 else "yellow"))
     x, y, side = square
     ax.add_patch(plt.Rectangle((x, y), side, side, fill=False, lw=1.5, ls="--", color="white"))
-    ax.set_title(f"{len(boxes)} face(s) found; dashed: the crop" if boxes else
+    ax.set_title(f"{len(boxes)} face(s); green: explained, dashed: crop" if boxes else
                  "no face found: the centre square (dashed)", fontsize=10)
     ax.axis("off")
     ax = fig.add_subplot(grid[0, 1])
     size = crop.shape[-1]
     ax.imshow(crop.numpy(), cmap="gray", vmin=0, vmax=255)
-    ax.imshow(heat.clamp(min=0).numpy(), cmap="jet", alpha=0.45, interpolation="bilinear",
-              extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+    # From 0, with a scale: a nearly even map must not look like a sharp one.
+    shown = ax.imshow(heat.clamp(min=0).numpy(), cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0,
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     ax.set_title(f"what the model saw ({size} px)\nheat: {how}", fontsize=10)
     ax.axis("off")
     ax = fig.add_subplot(grid[0, 2])
@@ -278,9 +282,11 @@ def run(args):
     if args.examples:
         show_examples(model, tokenizer, info, device, args.examples, args.data, args.out, args.seed)
         return 0
+    input_ids, lengths = encode_texts(tokenizer, [args.text], model.cfg.max_len)
+    if lengths[0] == 0:  # only characters the tokenizer drops (control characters)
+        raise DataError("--text has no words the model can read: give the sentence that goes with the face")
     photo = load_photo(args.image)  # (H, W[, 3]), upright: boxes are in these pixels
     boxes, squares, crops = find_faces(to_gray(photo), info["image_size"], not args.no_detect, args.image)
-    input_ids, lengths = encode_texts(tokenizer, [args.text], model.cfg.max_len)
     probs = predict(model, crops, input_ids.expand(len(crops), -1), lengths.expand(len(crops)), device)
     if args.explain:  # before any output: a failed write leaves stdout empty
         explain(args.explain, model, tokenizer, info, photo, boxes, squares[0], crops[0], args.text,

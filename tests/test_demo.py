@@ -91,6 +91,7 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
              ["--image", str(bomb), "--text", "hi", "--checkpoint", checkpoint],
              ["--image", str(image), "--text", "", "--checkpoint", checkpoint],
              ["--image", str(image), "--text", "  \t ", "--checkpoint", checkpoint],
+             ["--image", str(image), "--text", "\x01\x02", "--checkpoint", checkpoint],  # no tokens
              ["--image", str(image), "--text", "hi", "--checkpoint", str(tmp_path / "none.pt")],
              ["--image", str(image), "--text", "hi", "--checkpoint", str(foreign)]]
     for argv in cases:
