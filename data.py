@@ -33,6 +33,12 @@ class DataError(ValueError):
     """Missing or malformed prepared data; the message says what to run."""
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as a short single line, for messages that must stay one line."""
+    text = " ".join(str(err).split()) or "?"
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 @contextmanager
 def atomic_write(path):
     """Yield a temporary name beside `path`; it replaces `path` only when the block ends
@@ -327,7 +333,6 @@ def _hash_tensor(digest, tensor):
 def _load_features(path, shape):
     """The cache file at `path`, memory-mapped (pages are read as batches touch them, and
     processes share them); a file that does not load is deleted, said in one line: None."""
-    from models import one_line
     try:
         features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         found = {key: tuple(value.shape[:2]) for key, value in features.items()}
@@ -352,7 +357,7 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     half the memory of fp32, and its relative error (~5e-4) is far below what training notices.
     Returns (features, path).
     """
-    from models import feature_fingerprint
+    from images import feature_fingerprint  # images imports data: imported when called
     device = torch.device(device)
     mixed_precision, dtype = autocast(device, amp)
     digest = hashlib.sha256()

@@ -5,13 +5,10 @@
     python prepare_data.py --image-dir ~/raf-db --text-csv ~/emotions.csv
     python prepare_data.py --dedupe          # no val/test face with a near-copy in train
 
-Six steps, each announced with its counts and skipped when its inputs are unchanged
-(`--force` redoes them): 1 raw data, 2 images (and the leak audit: near-copies across
-splits, leaks.py), 3 texts, 4 tokenizer, 5 pairing (`--dedupe` drops val and test images
-with a near-copy in train), 6 shards + meta.json. A step's output is written under a
-temporary name and renamed, and its key (a hash of everything it depends on) is written
-after it, so a run killed half way leaves nothing a later run takes for finished work.
-meta.json comes last.
+Six steps, each skipped when its inputs are unchanged (`--force` redoes them): 1 raw data,
+2 images and the leak audit (leaks.py), 3 texts, 4 tokenizer, 5 pairing, 6 shards + meta.json.
+Each output is renamed into place before its key (a hash of its inputs) is written, so a
+killed run leaves nothing a later run takes for finished work.
 """
 import argparse
 import heapq
@@ -53,7 +50,6 @@ def step(number, name, work, key, force, build):
 
 
 # ---- step 1: raw data --------------------------------------------------------------
-
 def locate(args):
     """Step 1: where the raw image tree and text file are (downloading or generating them)."""
     say("[1/6] raw data ...")
@@ -89,7 +85,6 @@ def stratified_split(rows, labels, fraction, seed, what):
 
 
 # ---- step 2: images ----------------------------------------------------------------
-
 def read_images(listing, root, size, seed):
     """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
     train, stratified and seeded (plain RAF-DB has only train and test). Each image keeps
@@ -132,7 +127,6 @@ def read_and_audit(listing, root, size, seed):
 
 
 # ---- step 3: texts -----------------------------------------------------------------
-
 def split_texts(path, seed):
     """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is
     in two splits), then split 70/15/15 stratified by label."""
@@ -155,7 +149,6 @@ def split_texts(path, seed):
 
 
 # ---- step 4: tokenizer -------------------------------------------------------------
-
 def learn_word_pieces(word_counts, size):
     """BPE merges over word counts, '##' marking a piece inside a word, as the WordPiece
     trainer of `tokenizers` does. That trainer breaks ties between equally frequent pairs
@@ -225,7 +218,6 @@ def train_tokenizer(train_texts, vocab_size):
 
 
 # ---- step 5: pairing ---------------------------------------------------------------
-
 def pair_texts(image_labels, text_classes, classes, unpaired, rng):
     """For each image, the index of a text of the same split and class: each class's texts
     in a seeded order, used evenly (every text once before any twice). Images of classes
@@ -267,7 +259,6 @@ def pair_all(images, texts, unpaired, dedupe, seed):
 
 
 # ---- step 6: shards and meta.json --------------------------------------------------
-
 def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key):
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(tokenizer_json)

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import images  # noqa: E402
 import models  # noqa: E402
 from models import CheckpointError, ModelConfig, build_model  # noqa: E402
 
@@ -209,10 +210,10 @@ def test_checkpoint_round_trip_from_another_directory(tmp_path, monkeypatch):
     assert info["classes"] == CLASSES and info["metrics"] == {"val_macro_f1": 0.5}
     assert info["train_state"]["epoch"] == 3 and info["args"]["lr"] == 1e-4 and "torch" in info["versions"]
     assert tokenizer.get_vocab_size() == VOCAB and tokenizer.token_to_id("w7") == 7
-    ids, lengths, images = batch()
+    ids, lengths, faces = batch()
     with torch.no_grad():
-        assert torch.equal(loaded(ids, lengths, images=images), model(ids, lengths, images=images))
-    assert models.feature_fingerprint(loaded) == models.feature_fingerprint(model)
+        assert torch.equal(loaded(ids, lengths, images=faces), model(ids, lengths, images=faces))
+    assert images.feature_fingerprint(loaded) == images.feature_fingerprint(model)
 
 
 def test_unstorable_value_fails_at_save_and_keeps_the_old_file(tmp_path):
@@ -305,7 +306,7 @@ def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatc
     # The real download function, made to fail like a machine without network does.
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     start = time.perf_counter()
-    with pytest.raises(models.PretrainedWeightsError) as caught:
+    with pytest.raises(images.PretrainedWeightsError) as caught:
         build_model(small_config("a", pretrained=True))
     assert time.perf_counter() - start < 10
     message = str(caught.value)
@@ -314,7 +315,7 @@ def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatc
 
 
 def test_feature_fingerprint_tracks_trunk_and_preprocessing():
-    fingerprint = models.feature_fingerprint
+    fingerprint = images.feature_fingerprint
     model = small_model("b")
     assert fingerprint(model) == fingerprint(small_model("b", n_layers=1))  # text side is irrelevant
     assert fingerprint(model) != fingerprint(small_model("b", input_size=96))
@@ -410,13 +411,13 @@ def test_random_views_at_chosen_parameters(monkeypatch):
     identity = torch.tensor([1.0, 0.5, 1.0, 0.5, 0.5, 0.0, 0.5, 0.0, 0.0, 1.0])
     parameters = torch.stack([identity, identity])
     monkeypatch.setattr(torch, "rand", lambda *shape, device=None: parameters.clone())
-    assert torch.allclose(models.random_views(x, 96), resized, atol=1e-5)
+    assert torch.allclose(images.random_views(x, 96), resized, atol=1e-5)
     parameters[1, 2] = 0.0  # flip the second face
-    views = models.random_views(x, 96)
+    views = images.random_views(x, 96)
     assert torch.allclose(views[0], resized[0], atol=1e-5) and torch.allclose(views[1], resized[1].flip(-1), atol=1e-5)
     parameters[:, 2], parameters[0, 9] = 1.0, 0.0  # erase from the first face 25 % of the area, a square at the top left
     parameters[0, 5] = (0.25 - 0.02) / 0.31
-    views = models.random_views(x, 96)
+    views = images.random_views(x, 96)
     assert torch.allclose(views[0, :, :48, :48], resized[0].mean().expand(1, 48, 48), atol=1e-5)
     assert torch.allclose(views[0, :, 48:], resized[0, :, 48:], atol=1e-5)
     assert torch.allclose(views[1], resized[1], atol=1e-5)
@@ -427,7 +428,7 @@ def test_trunk_is_fed_channels_last_on_cuda():
     # memory or a device; the fake convolution asks this torch build's own backend choice.
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(), torch.device("cuda"):
-        encoder = models.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
+        encoder = images.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
         seen = []
         encoder.trunk.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
         features = encoder(torch.empty(4, 75, 75, dtype=torch.uint8))
