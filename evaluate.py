@@ -1,15 +1,17 @@
 """Score a checkpoint on the fixed test (or val) pairs, in the reference's results format.
 
     python evaluate.py --checkpoint checkpoints/model_b/best.pt
-    python evaluate.py --checkpoint checkpoints/model_a/best.pt --split val --ablate
+    python evaluate.py --checkpoint checkpoints/model_a/best.pt --split val --ablate --tta
 
-Deterministic: the pairs were fixed by prepare_data.py and nothing is augmented, so the
-same checkpoint gives the same numbers every time. Prints a per-class table, writes the
-confusion matrix (CSV + PNG) next to the checkpoint and appends one row to the results CSV.
+Deterministic: the pairs were fixed by prepare_data.py, nothing is augmented and the
+bootstrap is seeded, so the same checkpoint gives the same numbers every time. Prints a
+per-class table, 95 % intervals and the calibration error, writes the confusion matrix
+(CSV + PNG) next to the checkpoint and appends one row to the results CSV.
 """
 import argparse
 import csv
 import io
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, \
-    f1_score, precision_recall_fscore_support
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_tokenizer, pick_device
@@ -29,65 +30,124 @@ REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro
                      "Best_Val_Accuracy", "Cross_Attention", "Dropout", "Learning_Rate",
                      "Epochs", "Batch_Size", "Transformer_Layers", "Transformer_Heads",
                      "Optimizer", "Data_Augmentation"]
-EXTRA_COLUMNS = ["Model", "Run", "Checkpoint_Epoch", "Split", "Weighted_F1", "Data_Source",
-                 "Pretrained", "Finetuned", "Train_Seconds"]
+EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
+                 "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
+                 "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds"]
+RESAMPLES, ECE_BINS = 1000, 15
 
 
-def scores(labels, preds):
-    """Accuracy and macro-F1, as training, validation and testing all report them."""
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
+def class_counts(labels, preds, num_classes):
+    """Per class: true pairs, predicted pairs and hits (true and predicted), each [C]."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    return (np.bincount(labels, minlength=num_classes), np.bincount(preds, minlength=num_classes),
+            np.bincount(labels[labels == preds], minlength=num_classes))
+
+
+def scores(labels, preds, num_classes):
+    """Accuracy and macro-F1, as training, validation, testing and the bootstrap all report them.
+    Macro-F1 is the mean over all C classes (scikit-learn's labels=range(C), zero_division=0):
+    a class the model never predicts counts as 0 even where a batch holds none of it."""
+    true, predicted, hits = class_counts(labels, preds, num_classes)
+    f1 = np.divide(2 * hits, true + predicted, out=np.zeros(num_classes), where=true + predicted > 0)
+    return {"accuracy": float(hits.sum() / len(labels)), "macro_f1": float(f1.mean())}
+
+
+def summarize(log_probs, labels):
+    """Loss, scores, per-class recall and predictions from log-probabilities [N,C] and labels [N]."""
+    preds, num_classes = log_probs.argmax(1), log_probs.shape[1]
+    true, _, hits = class_counts(labels.numpy(), preds.numpy(), num_classes)
+    return {"loss": F.nll_loss(log_probs, labels).item(),
+            **scores(labels.numpy(), preds.numpy(), num_classes),
+            "recall": np.divide(hits, true, out=np.zeros(num_classes), where=true > 0),
+            "preds": preds.numpy(), "labels": labels.numpy(), "log_probs": log_probs}
 
 
 @torch.no_grad()
 def evaluate(model, batches, mixed_precision=nullcontext()):
-    """Loss, accuracy, macro-F1 and the raw predictions of `model` over `batches`.
-    The one metric function: train.py validates with it, evaluate.py tests with it."""
+    """Loss, accuracy, macro-F1, per-class recall, predictions and log-probabilities of `model`
+    over `batches`. The one metric function: train.py validates with it, evaluate.py tests with it."""
     model.eval()
-    loss_sum, logits, labels = 0.0, [], []
+    log_probs, labels = [], []
     for batch in batches:
         with mixed_precision:
-            out = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                        image_features=batch.get("image_features")).float()
-        loss_sum += F.cross_entropy(out, batch["labels"], reduction="sum").item()
-        logits.append(out.cpu())
+            logits = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
+                           image_features=batch.get("image_features"))
+        log_probs.append(F.log_softmax(logits.float(), dim=1).cpu())  # (B, C)
         labels.append(batch["labels"].cpu())
-    logits, labels = torch.cat(logits), torch.cat(labels).numpy()
-    preds = logits.argmax(1).numpy()
-    return {"loss": loss_sum / len(labels), **scores(labels, preds), "preds": preds, "labels": labels}
+    return summarize(torch.cat(log_probs), torch.cat(labels))
 
 
-def results_row(result, classes, info, checkpoint, split, meta):
+def score(model, split, features, batch_size, device, mixed_precision, tta=False):
+    """evaluate() over a whole split. `features`: the trunk cache, dicts of [V,N,...] (variant 1
+    holds the mirrored images), or None to run the trunk. `tta` averages the probabilities of
+    each image and of its mirror."""
+    def one_view(view, variant):
+        chosen = None if features is None else {k: v[variant:variant + 1] for k, v in features.items()}
+        return evaluate(model, Batches(view, batch_size, device, features=chosen), mixed_precision)
+    plain = one_view(split, 0)
+    if not tta:
+        return plain
+    mirrored = one_view({**split, "images": split["images"].flip(-1)}, 1)
+    # log of the mean probability, as a logsumexp: exact where a probability underflows to 0
+    both = torch.stack([plain["log_probs"], mirrored["log_probs"]])  # (2, N, C)
+    return summarize(torch.logsumexp(both, dim=0) - math.log(2), torch.from_numpy(plain["labels"]))
+
+
+def bootstrap(labels, preds, num_classes, resamples=RESAMPLES, seed=0):
+    """95 % intervals of accuracy and macro-F1 (percentiles over test sets of the same size
+    drawn with replacement): how far the score would move on another test set like this one."""
+    generator = np.random.default_rng(seed)
+    draws = [scores(labels[rows], preds[rows], num_classes)
+             for rows in (generator.integers(0, len(labels), len(labels)) for _ in range(resamples))]
+    return {key: tuple(np.percentile([draw[key] for draw in draws], [2.5, 97.5]))
+            for key in ("accuracy", "macro_f1")}
+
+
+def calibration_error(log_probs, labels, bins=ECE_BINS):
+    """Expected calibration error (Guo et al., 2017): pairs binned by confidence (the top
+    probability) into equal-width bins (b/M, (b+1)/M]; the gap between mean confidence and
+    accuracy in each bin, weighted by the bin's share of the pairs."""
+    confidence, preds = log_probs.exp().max(dim=1)  # (N,), (N,)
+    gaps = confidence - (preds == torch.as_tensor(labels)).float()  # (N,)
+    bin_of = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    return float(torch.bincount(bin_of, weights=gaps, minlength=bins).abs().sum() / len(gaps))
+
+
+def results_row(result, stats, classes, info, args, meta):
     """One row of the results CSV: the reference's 17 columns, per-class scores, extras."""
     labels, preds, ids = result["labels"], result["preds"], range(len(classes))
-    precision, recall, f1, _ = precision_recall_fscore_support(
+    precision, recall, _, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="macro", zero_division=0)
     _, _, weighted_f1, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="weighted", zero_division=0)
     per_class = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    cfg, args, metrics = info["config"], info["args"] or {}, info["metrics"]
-    is_b = cfg["arch"] == "b"
-    row = {"Experiment_ID": f"{Path(checkpoint).parent.name}/{Path(checkpoint).stem}",
+    cfg, train_args, metrics = info["config"], info["args"] or {}, info["metrics"]
+    checkpoint, is_b = Path(args.checkpoint), cfg["arch"] == "b"
+    row = {"Experiment_ID": f"{checkpoint.parent.name}/{checkpoint.stem}",
            "Test_Accuracy": result["accuracy"], "Macro_Precision": precision,
-           "Macro_Recall": recall, "Macro_F1": f1,
+           "Macro_Recall": recall, "Macro_F1": result["macro_f1"],
            "Final_Train_Accuracy": metrics.get("train_accuracy", ""),
            "Final_Val_Accuracy": metrics.get("val_accuracy", ""),
            "Best_Val_Accuracy": metrics.get("best_val_accuracy", ""),
            "Cross_Attention": is_b and cfg["cross_attention"], "Dropout": cfg["dropout"],
-           "Learning_Rate": args.get("lr", ""), "Epochs": args.get("epochs", ""),
-           "Batch_Size": args.get("batch_size", ""),
+           "Learning_Rate": train_args.get("lr", ""), "Epochs": train_args.get("epochs", ""),
+           "Batch_Size": train_args.get("batch_size", ""),
            "Transformer_Layers": cfg["n_layers"] if is_b else "",
            "Transformer_Heads": cfg["n_heads"] if is_b else "", "Optimizer": "AdamW",
-           "Data_Augmentation": not (args.get("no_flip", True) and args.get("no_redraw", True))}
+           "Data_Augmentation": cfg.get("augment", False) or not (train_args.get("no_flip", True)
+                                                                  and train_args.get("no_redraw", True))}
     for name, p, r, f in zip(classes, *per_class[:3]):
         row.update({f"{name}_F1": f, f"{name}_Precision": p, f"{name}_Recall": r})
-    row.update({"Model": cfg["arch"].upper(), "Run": Path(checkpoint).parent.name,
-                "Checkpoint_Epoch": metrics.get("epoch", ""), "Split": split,
-                "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
+    row.update({"Model": cfg["arch"].upper(), "Modality": cfg.get("modality", "both"),
+                "Run": checkpoint.parent.name, "Checkpoint_Epoch": metrics.get("epoch", ""),
+                "Split": args.split, "TTA": args.tta,
+                "Accuracy_CI_Low": stats["accuracy"][0], "Accuracy_CI_High": stats["accuracy"][1],
+                "Macro_F1_CI_Low": stats["macro_f1"][0], "Macro_F1_CI_High": stats["macro_f1"][1],
+                "ECE": stats["ece"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
                 "Pretrained": cfg["pretrained"], "Finetuned": cfg["finetune"],
                 "Train_Seconds": metrics.get("train_seconds", "")})
-    columns = REFERENCE_COLUMNS + [f"{name}_{score}" for name in classes
-                                   for score in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
+    columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes
+                                   for kind in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
     return {k: round(float(row[k]), 6) if isinstance(row[k], (float, np.floating)) else row[k]
             for k in columns}  # plain numbers: 0.8319, not "83.19%"
 
@@ -113,12 +173,15 @@ def print_results(path):
     """The results file so far, one line a row: the comparison across runs."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    print(f"{path}:\n  {'experiment':24s} {'split':5s} {'accuracy':>8s} {'macro-F1':>8s} "
-          f"{'train s':>8s}")
+    print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':3s} "
+          f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'train s':>8s}")
     for row in rows:
         seconds = f"{float(row['Train_Seconds']):.0f}" if row["Train_Seconds"] else "-"
-        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {float(row['Test_Accuracy']):8.4f} "
-              f"{float(row['Macro_F1']):8.4f} {seconds:>8s}")
+        accuracy = (f"{float(row['Test_Accuracy']):.4f} [{float(row['Accuracy_CI_Low']):.4f}, "
+                    f"{float(row['Accuracy_CI_High']):.4f}]")
+        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} "
+              f"{'yes' if row['TTA'] == 'True' else 'no':3s} {accuracy:>24s} "
+              f"{float(row['Macro_F1']):8.4f} {float(row['ECE']):6.4f} {seconds:>8s}")
 
 
 def save_confusion(matrix, classes, stem):
@@ -144,19 +207,59 @@ def save_confusion(matrix, classes, stem):
     plt.close(fig)
 
 
-def ablations(model, split, features, batch_size, device, mixed_precision):
-    """Scores with each modality removed: the text as an empty sequence, the image blank."""
-    no_text = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
-               "lengths": torch.zeros_like(split["lengths"])}
-    blank = torch.full_like(split["images"][:1], 128)  # mid-gray: no face, no contrast
-    model.eval()
-    with torch.inference_mode():  # one blank image's features, shared by every pair: [1,N,...]
-        blank_features = {k: v.cpu().unsqueeze(0).expand(1, len(split["labels"]), *v.shape[1:])
-                          for k, v in model.image_features(blank.to(device)).items()}
-    return {"no text": evaluate(model, Batches(no_text, batch_size, device, features=features),
-                                mixed_precision),
-            "no image": evaluate(model, Batches(split, batch_size, device, features=blank_features),
-                                 mixed_precision)}
+def plot_curves(rows, path):
+    """A run's loss and accuracy per epoch, train and val (rows as in log.csv)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a training box
+    import matplotlib.pyplot as plt
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ["loss", "accuracy"]):
+        for split in ("train", "val"):
+            ax.plot(epochs, [float(r[f"{split}_{metric}"]) for r in rows], marker=".", label=split)
+        ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def ablations(model, split, features, modality, scored, seed=0):
+    """Scores with one input taken away, for the inputs `modality` reads. The empty text and
+    the blank image are inputs a fused model never saw in training, so their rows also measure
+    its reaction to something new; the shuffled text (real sentences, each beside another
+    pair's face, seeded) keeps the inputs' kind and removes only their pairing.
+    `scored(split, features)` is score() with everything else fixed."""
+    rows = {}
+    if modality != "image":
+        empty = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
+                 "lengths": torch.zeros_like(split["lengths"])}
+        order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
+        shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
+        rows["no text"], rows["shuffled text"] = scored(empty, features), scored(shuffled, features)
+    if modality != "text":
+        blank = torch.full_like(split["images"][:1], 128)  # mid-gray: no face, no contrast
+        model.eval()
+        with torch.inference_mode():  # one blank image's features, shared by every pair and its
+            blank_features = {     # mirror (a blank image is its own mirror): [2,N,...] views
+                k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:])  # as the cache
+                for k, v in model.image_features(blank.to(next(model.parameters()).device)).items()}
+        rows["no image"] = scored(split, blank_features)
+    return rows
+
+
+def print_ablations(rows, classes, text_classes):
+    """Accuracy and macro-F1 of each row, the accuracy on the classes that have texts, and the
+    recall of each class that has none (Disgust, Neutral): only the face can carry those."""
+    text_ids = [i for i, name in enumerate(classes) if name in text_classes]
+    textless = [i for i, name in enumerate(classes) if name not in text_classes]
+    print(f"{'':14s} {'accuracy':>9s} {'macro-F1':>9s} {'text classes':>13s}"
+          + "".join(f" {classes[i] + ' recall':>15s}" for i in textless))
+    for name, result in rows.items():
+        on_text = np.isin(result["labels"], text_ids)
+        text_accuracy = (result["labels"][on_text] == result["preds"][on_text]).mean()
+        print(f"{name:14s} {result['accuracy']:9.4f} {result['macro_f1']:9.4f} {text_accuracy:13.4f}"
+              + "".join(f" {result['recall'][i]:15.4f}" for i in textless))
 
 
 def parse_args(argv=None):
@@ -165,7 +268,10 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/processed")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--results", default="test_results.csv")
-    p.add_argument("--ablate", action="store_true", help="also score without text / image")
+    p.add_argument("--ablate", action="store_true",
+                   help="also score with the text emptied or shuffled, and with a blank image")
+    p.add_argument("--tta", action="store_true",
+                   help="average the probabilities of each image and its mirror")
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)
@@ -181,29 +287,42 @@ def run(args):
     check_compatible(info, load_tokenizer(args.data), meta)
     split = load_split(args.data, args.split)
     mixed_precision, _ = autocast(device, args.amp)
-    features = None
-    if not (args.no_cache or model.cfg.finetune):
-        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=False)
-    result = evaluate(model, Batches(split, args.batch_size, device, features=features),
-                      mixed_precision)
+    modality = info["config"].get("modality", "both")
+    features = None  # a text-only model has no trunk; it ignores the images it is served
+    if not (args.no_cache or model.cfg.finetune or modality == "text"):
+        # --tta reads the mirrors from the cache too (variant 1)
+        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=args.tta,
+                                      amp=args.amp)
+
+    def scored(pairs, pair_features):
+        return score(model, pairs, pair_features, args.batch_size, device, mixed_precision, args.tta)
+
+    result = scored(split, features)
     classes = info["classes"]
-    print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs)")
+    stats = {**bootstrap(result["labels"], result["preds"], len(classes)),
+             "ece": calibration_error(result["log_probs"], result["labels"])}
+    print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs"
+          f"{', each image averaged with its mirror' if args.tta else ''})")
     print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),
                                 target_names=classes, digits=4, zero_division=0))
-    row = results_row(result, classes, info, args.checkpoint, args.split, meta)
+    row = results_row(result, stats, classes, info, args, meta)
     append_row(args.results, row)  # first: it refuses a foreign results file before any write
     stem = Path(args.checkpoint).with_suffix("")
     matrix = confusion_matrix(result["labels"], result["preds"], labels=range(len(classes)))
     save_confusion(matrix, classes, f"{stem}_{args.split}_confusion")
-    print(f"accuracy {row['Test_Accuracy']:.4f} | macro-F1 {row['Macro_F1']:.4f} | "
-          f"confusion matrix: {stem}_{args.split}_confusion.png")
+    print(f"accuracy {row['Test_Accuracy']:.4f} [{row['Accuracy_CI_Low']:.4f}, "
+          f"{row['Accuracy_CI_High']:.4f}] | macro-F1 {row['Macro_F1']:.4f} "
+          f"[{row['Macro_F1_CI_Low']:.4f}, {row['Macro_F1_CI_High']:.4f}] (95 % bootstrap "
+          f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} ({ECE_BINS} bins)")
+    print(f"confusion matrix: {stem}_{args.split}_confusion.png")
     print_results(args.results)
     if args.ablate:
-        scores = {"full model": result, **ablations(model, split, features, args.batch_size,
-                                                   device, mixed_precision)}
-        print(f"{'':12s} {'accuracy':>9s} {'macro-F1':>9s}")
-        for name, score in scores.items():
-            print(f"{name:12s} {score['accuracy']:9.4f} {score['macro_f1']:9.4f}")
+        rows = {"full model": result, **ablations(model, split, features, modality, scored)}
+        print(f"\nablation on {args.split}:")
+        print_ablations(rows, classes, set(meta["text_to_class"].values()))
+        if modality != "both":
+            print(f"({'an image' if modality == 'image' else 'a text'}-only model: the rows that "
+                  f"take away the {'text' if modality == 'image' else 'image'} do not apply)")
     return 0
 
 

@@ -2,6 +2,8 @@
 
     python train.py --model b                      # the reference configuration, 100 epochs
     python train.py --model a --epochs 5 --no-pretrained
+    python train.py --model a --modality image     # a single-modality baseline (image or text)
+    python train.py --model b --finetune-backbone --label-smoothing 0.1 --cosine --warmup 500
     python train.py --model b --resume             # continue checkpoints/model_b/last.pt
     torchrun --nproc_per_node 2 train.py --model b # DistributedDataParallel, one process a GPU
 
@@ -27,18 +29,18 @@ import torch.nn.functional as F
 
 from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_text_pool, load_tokenizer, pick_device, progress
-from evaluate import evaluate, scores
-from models import CheckpointError, ModelConfig, PretrainedWeightsError, build_model, \
-    check_compatible, describe, load_checkpoint, save_checkpoint
+from evaluate import evaluate, plot_curves, scores
+from images import PretrainedWeightsError
+from models import CheckpointError, ModelConfig, build_model, check_compatible, default_backbone_lr_scale, \
+    describe, load_checkpoint, parameter_groups, save_checkpoint
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
-# A resume takes every setting from args.json; these may be given again to change them.
-# --data must hold compatible data (check_compatible); --out and --run say where the run is.
 # Set by torchrun (one process alone is rank 0 of 1), as nanoGPT reads them. Rank 0, the
 # master, alone builds the cache, prints, and writes the run's files.
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 MASTER = RANK == 0
+# A resume takes the rest from args.json; --data must hold compatible data (check_compatible).
 RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data", "resume",
                      "overwrite", "out", "run")
 
@@ -55,8 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="the global batch, over all processes")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)  # torch's AdamW default, as the reference
-    p.add_argument("--backbone-lr-scale", type=float, default=0.1,
-                   help="with --finetune-backbone: trunk lr = lr * this")
+    p.add_argument("--backbone-lr-scale", type=float, default=None,
+                   help="with --finetune-backbone: trunk lr = lr * this (default 0.1, 1.0 with --no-pretrained)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
+    p.add_argument("--modality", choices=["both", "image", "text"], default="both",
+                   help="image or text: the same branch and head on one input (a baseline)")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (linear)")
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
@@ -67,10 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4, help="Model B attention heads")
     p.add_argument("--input-size", type=int, default=224, help="trunk input resolution")
     p.add_argument("--no-pretrained", action="store_true", help="random trunk (offline use)")
-    p.add_argument("--finetune-backbone", action="store_true", help="train the trunk too (no cache)")
+    p.add_argument("--finetune-backbone", action="store_true",
+                   help="train the trunk too, on random views of each face (no cache)")
     p.add_argument("--no-cross-attention", action="store_true", help="Model B: concat only")
     p.add_argument("--no-cache", action="store_true", help="run the frozen trunk every step")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--no-flip", action="store_true", help="frozen trunk: no random horizontal flip")
     p.add_argument("--no-redraw", action="store_true", help="keep the prepared text of each image")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -111,22 +117,6 @@ def lr_factor(step, total_steps, args):
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def plot_curves(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")  # no display on a training box
-    import matplotlib.pyplot as plt
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ["loss", "accuracy"]):
-        for split in ("train", "val"):
-            ax.plot(epochs, [float(r[f"{split}_{metric}"]) for r in rows], marker=".", label=split)
-        ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def resume_args(args, given, run_dir):
     """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
     this command line; any other given flag that differs would silently change the run."""
@@ -163,26 +153,25 @@ def build(args, meta, tokenizer, device, run_dir):
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
                       pretrained=not args.no_pretrained, finetune=args.finetune_backbone,
                       n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
-                      cross_attention=not args.no_cross_attention)
+                      cross_attention=not args.no_cross_attention, modality=args.modality,
+                      augment=args.finetune_backbone)  # the fine-tuning recipe's random views
     return build_model(cfg).to(device), None
 
 
 def make_optimizer(model, args, device):
-    trunk = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("image_encoder.")]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("image_encoder.")]
-    groups = [{"params": head, "base_lr": args.lr}]
-    if trunk:  # fine-tuning: a pretrained trunk wants a gentler step than a fresh head
-        groups.append({"params": trunk, "base_lr": args.lr * args.backbone_lr_scale})
+    """AdamW over models.parameter_groups: no weight decay on biases, norms and embeddings."""
+    scale = default_backbone_lr_scale(model.cfg) if args.backbone_lr_scale is None else args.backbone_lr_scale
     # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
     # the device (the unfused step reads it with .item(), a host sync every step)
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, scale), fused=device.type == "cuda")
 
 
 def make_batches(args, model, device):
     """Train and val batches (val split across ranks) and the seconds spent on the cache."""
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    flip, train_features, val_features, seconds = not args.no_flip, None, None, 0.0
-    if not (args.no_cache or model.cfg.finetune):
+    flip = not (args.no_flip or model.cfg.augment)  # the random views of fine-tuning flip on their own
+    train_features, val_features, seconds = None, None, 0.0
+    if uses_cache(args, model):
         t0 = time.time()
         if not MASTER:
             dist.barrier()  # rank 0 builds the cache; the others wait, then load it
@@ -204,8 +193,17 @@ def make_batches(args, model, device):
     return train_batches, val_batches, seconds
 
 
+def uses_cache(args, model):
+    """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
+    return not (args.no_cache or model.cfg.finetune or not model.uses_image)
+
+
 def restore(state, optimizer, scaler, train_batches, device):
     """Exact resume: every source of randomness picks up where it was. -> Counters."""
+    saved, made = len(state["optimizer"]["param_groups"]), len(optimizer.param_groups)
+    if saved != made:
+        raise DataError(f"cannot resume: last.pt's optimizer has {saved} parameter groups, this train.py "
+                        f"makes {made} (it was saved by an older version): start a new run with --run NAME")
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
         scaler.load_state_dict(state["scaler"])
@@ -218,7 +216,7 @@ def restore(state, optimizer, scaler, train_batches, device):
     return Counters(**{f.name: state[f.name] for f in fields(Counters)})
 
 
-def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0,
+def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0, label_smoothing=0.0,
                 lr_at=lambda step: 1.0, step_model=None, world_size=1, desc="train", show_progress=True):
     """One pass over `batches` -> (predictions, labels, summed loss, next step), all on the
     device: nothing in the loop waits for it. `step_model` is the compiled or DDP-wrapped
@@ -232,7 +230,8 @@ def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, cli
         with mixed_precision:
             logits = step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
                                 image_features=batch.get("image_features"))
-            summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
+                                     label_smoothing=label_smoothing)
         # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean
         # over the whole global batch, even when the ranks' slices differ in size
         scaler.scale(summed * (world_size / batch["global_size"])).backward()
@@ -256,14 +255,15 @@ def run_epoch(epoch, counters, model, step_model, train_batches, val_batches, op
     t0 = time.time()
     preds, labels, loss_sum, counters.step = train_epoch(
         model, train_batches, optimizer, scaler, mixed_precision, step=counters.step, clip=args.clip,
-        lr_at=lambda i: lr_factor(i, total_steps, args), step_model=step_model, world_size=WORLD_SIZE,
-        desc=f"epoch {epoch}", show_progress=MASTER)
+        label_smoothing=args.label_smoothing, lr_at=lambda i: lr_factor(i, total_steps, args),
+        step_model=step_model, world_size=WORLD_SIZE, desc=f"epoch {epoch}", show_progress=MASTER)
     labels, preds, loss_sum = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
     seconds = time.time() - t0
     counters.train_seconds += seconds
     val = evaluate(model, val_batches, mixed_precision)
     val_labels, val_preds, val_loss = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
-    train_scores, val_scores = scores(labels, preds), scores(val_labels, val_preds)
+    train_scores, val_scores = (scores(labels, preds, model.cfg.num_classes),
+                                 scores(val_labels, val_preds, model.cfg.num_classes))
     return {"epoch": epoch, "train_loss": loss_sum / len(labels),
             "train_accuracy": train_scores["accuracy"], "train_macro_f1": train_scores["macro_f1"],
             "val_loss": val_loss / len(val_labels), "val_accuracy": val_scores["accuracy"],
@@ -318,11 +318,13 @@ def train(args, given):
     torch.manual_seed(args.seed)  # model init: the same on every rank
     meta, tokenizer = load_meta(args.data), load_tokenizer(args.data)
     model, state = build(args, meta, tokenizer, device, run_dir)
+    if device.type == "cuda":  # conv kernels NHWC, as the trunk's input is (images.ImageEncoder)
+        model.to(memory_format=torch.channels_last)
     torch.manual_seed(args.seed + RANK)  # dropout: each rank draws its own masks
     mixed_precision, amp_dtype = autocast(device, args.amp)
     if MASTER:
         print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {amp_dtype} | "
-              f"{'images through the trunk' if args.no_cache or model.cfg.finetune else 'cached features'}"
+              f"{'cached features' if uses_cache(args, model) else 'images through the trunk'}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
         if not model.cfg.pretrained:
             print("note: random trunk (--no-pretrained): image features are not ImageNet's")

@@ -2,6 +2,7 @@
 import csv
 import shutil
 import threading
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 
 import train
 from conftest import TINY
-from data import Batches, autocast, cached_features, load_split, load_text_pool, load_tokenizer, \
-    progress
+from data import Batches, autocast, cached_features, load_meta, load_split, load_text_pool, \
+    load_tokenizer, progress
 from models import ModelConfig, build_model, load_checkpoint
 
 TIMING = ("samples_per_s", "seconds")
@@ -251,3 +252,60 @@ def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
     assert not errors and len(results) == 2 and results[0][1] == results[1][1]
     assert torch.equal(results[0][0]["pooled"], results[1][0]["pooled"])
     assert [p.name for p in tmp_path.iterdir()] == [results[0][1].name]  # no temporary left
+
+
+def test_single_modality_runs_train_one_branch(processed, tmp_path):
+    common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+              "--epochs", "1", *TINY]
+    assert train.main(["--model", "a", "--modality", "text", "--run", "text", *common]) == 0
+    assert not (tmp_path / "cache").exists()  # no image branch: nothing to cache
+    assert train.main(["--model", "b", "--modality", "image", "--run", "image", *common]) == 0
+    assert (tmp_path / "cache").exists()  # the frozen trunk's features, as for a fused model
+    text, _, _ = load_checkpoint(tmp_path / "text" / "best.pt")
+    image, _, _ = load_checkpoint(tmp_path / "image" / "best.pt")
+    assert text.cfg.modality == "text" and text.image_encoder is None
+    assert image.cfg.modality == "image" and not image.uses_text
+
+
+def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
+    meta, tokenizer = load_meta(processed), load_tokenizer(processed)
+    lrs = {}
+    for extra in ([], ["--backbone-lr-scale", "0.1"]):
+        args, _ = train.parse_args(["--model", "a", "--finetune-backbone", "--lr", "1e-3", *TINY, *extra])
+        model, _ = train.build(args, meta, tokenizer, torch.device("cpu"), tmp_path)
+        assert model.cfg.augment and not train.uses_cache(args, model)
+        optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+        lrs[tuple(extra)] = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    # a random trunk (--no-pretrained) learns at the head's rate unless told otherwise
+    assert lrs[()] == {"head": 1e-3, "head no decay": 1e-3, "trunk": 1e-3, "trunk no decay": 1e-3}
+    assert lrs[("--backbone-lr-scale", "0.1")]["trunk"] == pytest.approx(1e-4)
+
+    torch.manual_seed(0)
+    model = small_model("a", processed)
+    model.head[2].p = 0.0  # dropout off: the loss of the step is the loss of these logits
+    batches = Batches({k: v[:32] for k, v in load_split(processed, "train").items()}, 32, "cpu")
+    batch = next(iter(batches))
+    with torch.no_grad():
+        logits = model.train()(batch["input_ids"], batch["lengths"], images=batch["images"])
+    expected = F.cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=0.1)
+    optimizer = train.make_optimizer(model, train.parse_args(["--model", "a", "--lr", "0"])[0], torch.device("cpu"))
+    _, _, loss_sum, _ = train.train_epoch(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                          nullcontext(), step=0, label_smoothing=0.1, show_progress=False)
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = F.cross_entropy(logits, batch["labels"], reduction="sum")
+    assert abs(expected.item() - plain.item()) > 0.1  # the smoothing changes this batch's loss
+
+
+def test_resume_of_an_older_optimizer_layout_is_one_line(runs, tmp_path, capsys):
+    # train.py before parameter groups kept the head's parameters in one group
+    shutil.copytree(runs / "model_a", tmp_path / "model_a")
+    path = tmp_path / "model_a" / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    groups = checkpoint["train_state"]["optimizer"]["param_groups"]
+    merged = {**groups[0], "params": [i for group in groups for i in group["params"]]}
+    checkpoint["train_state"]["optimizer"]["param_groups"] = [merged]
+    torch.save(checkpoint, path)
+    assert train.main(["--model", "a", "--out", str(tmp_path), "--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parameter groups" in err and "--run" in err
+    assert read_log(tmp_path / "model_a" / "log.csv") == read_log(runs / "model_a" / "log.csv")
