@@ -20,6 +20,7 @@ IMAGE ?=
 TEXT ?=
 QUICK := data/synthetic
 QUICK_TRAIN := --data $(QUICK)/processed --no-pretrained --input-size 112 --epochs 8 --lr 5e-4 --warmup 100 --overwrite
+QUICK_EVAL := --data $(QUICK)/processed --results results/quickstart.csv
 ifeq ($(NPROC),1)
   TRAIN := $(PYTHON) train.py
 else
@@ -59,16 +60,21 @@ bench: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
-# Synthetic data, both models trained briefly on a random trunk (no download), a
-# comparison table and a demo on a generated face: a few minutes on a laptop CPU.
+# Synthetic data, both models trained briefly on a random trunk (no download), Model A's
+# image-only and text-only baselines, a comparison table with 95 % intervals, the
+# ablation, and the demo on a real photo with its explanation: minutes on a laptop CPU.
 quickstart: install
 	$(PYTHON) prepare_data.py --source synthetic --raw-dir $(QUICK)/raw --out $(QUICK)/processed
 	$(PYTHON) train.py --model a --run quickstart_a $(QUICK_TRAIN)
 	$(PYTHON) train.py --model b --run quickstart_b $(QUICK_TRAIN)
+	$(PYTHON) train.py --model a --run quickstart_a_image --modality image $(QUICK_TRAIN)
+	$(PYTHON) train.py --model a --run quickstart_a_text --modality text $(QUICK_TRAIN)
 	rm -f results/quickstart.csv
-	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt --data $(QUICK)/processed --results results/quickstart.csv
-	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_b/best.pt --data $(QUICK)/processed --results results/quickstart.csv --ablate
-	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image "$$(ls $(QUICK)/raw/synthetic/images/test/happy/*.png | head -n 1)" --text "honestly i feel so happy and cheerful today"
+	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt $(QUICK_EVAL)
+	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a_image/best.pt $(QUICK_EVAL)
+	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a_text/best.pt $(QUICK_EVAL)
+	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_b/best.pt $(QUICK_EVAL) --ablate
+	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image tests/fixtures/astronaut.jpg --text "honestly i feel so happy and proud today" --explain results/explain.png
 
 # Keeps data/raw: the Kaggle downloads are not generated here and are slow to fetch again.
 clean:
