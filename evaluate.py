@@ -81,13 +81,16 @@ def score(model, split, features, batch_size, device, mixed_precision, tta=False
     """evaluate() over a whole split. `features`: the trunk cache, dicts of [V,N,...] (variant 1
     holds the mirrored images), or None to run the trunk. `tta` averages the probabilities of
     each image and of its mirror."""
-    def one_view(view, variant):
-        chosen = None if features is None else {k: v[variant:variant + 1] for k, v in features.items()}
-        return evaluate(model, Batches(view, batch_size, device, features=chosen), mixed_precision)
-    plain = one_view(split, 0)
+    def one_view(variant):
+        if features is None:  # the trunk runs on the images, mirrored here for variant 1
+            view = {**split, "images": split["images"].flip(-1)} if variant else split
+            return evaluate(model, Batches(view, batch_size, device), mixed_precision)
+        chosen = {k: v[variant:variant + 1] for k, v in features.items()}
+        return evaluate(model, Batches(split, batch_size, device, features=chosen), mixed_precision)
+    plain = one_view(0)
     if not tta:
         return plain
-    mirrored = one_view({**split, "images": split["images"].flip(-1)}, 1)
+    mirrored = one_view(1)
     # log of the mean probability, as a logsumexp: exact where a probability underflows to 0
     both = torch.stack([plain["log_probs"], mirrored["log_probs"]])  # (2, N, C)
     return summarize(torch.logsumexp(both, dim=0) - math.log(2), torch.from_numpy(plain["labels"]))
@@ -224,20 +227,20 @@ def plot_curves(rows, path):
     plt.close(fig)
 
 
-def ablations(model, split, features, modality, scored, seed=0):
-    """Scores with one input taken away, for the inputs `modality` reads. The empty text and
+def ablations(model, split, features, scored, seed=0):
+    """Scores with one input taken away, for the inputs `model` reads. The empty text and
     the blank image are inputs a fused model never saw in training, so their rows also measure
     its reaction to something new; the shuffled text (real sentences, each beside another
     pair's face, seeded) keeps the inputs' kind and removes only their pairing.
     `scored(split, features)` is score() with everything else fixed."""
     rows = {}
-    if modality != "image":
+    if model.uses_text:
         empty = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
                  "lengths": torch.zeros_like(split["lengths"])}
         order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
         shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
         rows["no text"], rows["shuffled text"] = scored(empty, features), scored(shuffled, features)
-    if modality != "text":
+    if model.uses_image:
         blank = torch.full_like(split["images"][:1], 128)  # mid-gray: no face, no contrast
         model.eval()
         with torch.inference_mode():  # one blank image's features, shared by every pair and its
@@ -287,9 +290,8 @@ def run(args):
     check_compatible(info, load_tokenizer(args.data), meta)
     split = load_split(args.data, args.split)
     mixed_precision, _ = autocast(device, args.amp)
-    modality = info["config"].get("modality", "both")
     features = None  # a text-only model has no trunk; it ignores the images it is served
-    if not (args.no_cache or model.cfg.finetune or modality == "text"):
+    if model.cacheable and not args.no_cache:
         # --tta reads the mirrors from the cache too (variant 1)
         features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=args.tta,
                                       amp=args.amp)
@@ -317,12 +319,13 @@ def run(args):
     print(f"confusion matrix: {stem}_{args.split}_confusion.png")
     print_results(args.results)
     if args.ablate:
-        rows = {"full model": result, **ablations(model, split, features, modality, scored)}
+        rows = {"full model": result, **ablations(model, split, features, scored)}
         print(f"\nablation on {args.split}:")
         print_ablations(rows, classes, set(meta["text_to_class"].values()))
-        if modality != "both":
-            print(f"({'an image' if modality == 'image' else 'a text'}-only model: the rows that "
-                  f"take away the {'text' if modality == 'image' else 'image'} do not apply)")
+        if model.cfg.modality != "both":
+            missing = "text" if model.cfg.modality == "image" else "image"
+            print(f"(a single-modality model, {model.cfg.modality} only: the rows that take away "
+                  f"the {missing} do not apply)")
     return 0
 
 

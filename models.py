@@ -133,6 +133,11 @@ class EmotionModel(nn.Module):
         """Width of the head's input: the pooled image vector and/or the text vector."""
         return (IMAGE_DIM if self.uses_image else 0) + (text_dim if self.uses_text else 0)
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether the image features are a pure function of the image: a frozen trunk that exists."""
+        return self.uses_image and not self.cfg.finetune
+
     def image_features(self, images: torch.Tensor) -> dict:
         """uint8 (B, S, S) -> {"pooled": (B, 512)[, "regions": (B, HW, 512)]}."""
         if not self.uses_image:

@@ -195,7 +195,7 @@ def make_batches(args, model, device):
 
 def uses_cache(args, model):
     """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
-    return not (args.no_cache or model.cfg.finetune or not model.uses_image)
+    return model.cacheable and not args.no_cache
 
 
 def restore(state, optimizer, scaler, train_batches, device):

@@ -2,6 +2,7 @@
 calibration, test-time mirroring and ablations that measure what each input is worth."""
 import csv
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import prepare_data
 import train
 from conftest import SYNTHETIC, TINY
 from data import Batches, cached_features, load_split
-from models import load_checkpoint
+from models import build_model, load_checkpoint
 
 
 def rows(path):
@@ -148,18 +149,19 @@ def test_ablation_inputs_and_the_rows_a_single_input_model_cannot_have(runs, pro
 
     def inputs(pairs, features):  # stands in for score(): what each row would be scored on
         return pairs, features
-    made = evaluate.ablations(model, split, None, "both", inputs)
+    made = evaluate.ablations(model, split, None, inputs)
     assert list(made) == ["no text", "shuffled text", "no image"]
     (empty, _), (shuffled, _), (same, blank) = made.values()
     assert empty["lengths"].eq(0).all() and empty["input_ids"].eq(0).all()
     assert not torch.equal(shuffled["input_ids"], split["input_ids"])
     assert sorted(map(tuple, shuffled["input_ids"].tolist())) == sorted(map(tuple, split["input_ids"].tolist()))
-    assert torch.equal(evaluate.ablations(model, split, None, "both", inputs)["shuffled text"][0]["input_ids"],
+    assert torch.equal(evaluate.ablations(model, split, None, inputs)["shuffled text"][0]["input_ids"],
                        shuffled["input_ids"])  # seeded
     assert same is split and blank["pooled"].shape[:2] == (2, len(split["labels"]))
     assert blank["pooled"].eq(blank["pooled"][0, 0]).all(-1).all()  # one blank image for every pair
-    assert list(evaluate.ablations(model, split, None, "text", inputs)) == ["no text", "shuffled text"]
-    assert list(evaluate.ablations(model, split, None, "image", inputs)) == ["no image"]
+    text_only, image_only = (build_model(replace(model.cfg, modality=modality)) for modality in ("text", "image"))
+    assert list(evaluate.ablations(text_only, split, None, inputs)) == ["no text", "shuffled text"]
+    assert list(evaluate.ablations(image_only, split, None, inputs)) == ["no image"]
 
 
 @pytest.fixture
