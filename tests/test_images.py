@@ -1,13 +1,22 @@
-"""images.py: one reader for every image, faces found in a real photo and cropped like the training data."""
+"""images.py: one reader for every image, faces found in a real photo and cropped like the training
+data; the image branch both models share (the offline pretrained error, the feature fingerprint, the
+random training views, channels_last on CUDA)."""
 import struct
+import time
+import urllib.error
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import images
 from data import DataError
+from models import build_model
+from test_models import batch, small_config, small_model
 from images import (FACE_MARGIN, centre_square, crop_square, detect_faces, face_square, load_photo, read_image,
                     to_gray)
 
@@ -116,3 +125,95 @@ def test_bad_files_are_data_errors(tmp_path):
                         (tmp_path / "notes.png", "not an image"), (tmp_path / "none.png", "no such file")]:
         with pytest.raises(DataError, match=words):
             read_image(path, 75)
+
+
+def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    # The real download function, made to fail like a machine without network does.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    start = time.perf_counter()
+    with pytest.raises(images.PretrainedWeightsError) as caught:
+        build_model(small_config("a", pretrained=True))
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "resnet18-f37072fd.pth" in message and "--no-pretrained" in message and "\n" not in message
+    assert f"{tmp_path / 'hub' / 'checkpoints'}/" in message
+
+
+def test_feature_fingerprint_tracks_trunk_and_preprocessing():
+    fingerprint = images.feature_fingerprint
+    model = small_model("b")
+    assert fingerprint(model) == fingerprint(small_model("b", n_layers=1))  # text side is irrelevant
+    assert fingerprint(model) != fingerprint(small_model("b", input_size=96))
+    assert fingerprint(model) != fingerprint(small_model("a"))  # pooled only vs pooled + regions
+    assert fingerprint(model) != fingerprint(small_model("b", seed=1))
+    assert fingerprint(model) == fingerprint(small_model("b", augment=True))  # features are eval-mode
+    assert fingerprint(small_model("b", modality="image")) == fingerprint(small_model("a"))  # pooled only
+    with pytest.raises(ValueError, match="text-only"):
+        fingerprint(small_model("b", modality="text"))
+    with torch.no_grad():
+        model.image_encoder.trunk[0].weight[0, 0, 0, 0] += 1e-3
+    assert fingerprint(model) != fingerprint(small_model("b"))
+
+
+def test_augmentation_gives_each_training_face_its_own_view_and_leaves_evaluation_alone():
+    augmented, plain = small_model("a", augment=True), small_model("a")
+    encoder = augmented.image_encoder
+    seen = []
+    encoder.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids, lengths, images = batch(size=8)
+    same_face = images[:1].expand(8, -1, -1)
+    encoder.train()(same_face)
+    encoder.eval()(same_face)
+    trained, evaluated = seen
+    assert trained.shape == evaluated.shape == (8, 3, 64, 64)
+    assert all((trained[i] - trained[j]).abs().max() > 0.1 for i in range(8) for j in range(i))  # per-sample views
+    assert all(torch.equal(evaluated[i], evaluated[0]) for i in range(8))
+    # The random draws come from torch's global generator: restoring its state replays them.
+    state = torch.get_rng_state()
+    first = encoder.train()(images)["pooled"]
+    torch.set_rng_state(state)
+    assert torch.equal(encoder(images)["pooled"], first)
+    with torch.no_grad():
+        assert torch.equal(augmented.eval()(ids, lengths, images=images), plain.eval()(ids, lengths, images=images))
+
+
+def test_random_views_at_chosen_parameters(monkeypatch):
+    """Zero parameters give the evaluation resize exactly; a flip is a mirror; an erased
+    rectangle sits where its parameters say and holds the face's mean."""
+    x = torch.rand(2, 1, 75, 75, generator=torch.Generator().manual_seed(0))
+    resized = F.interpolate(x, size=(96, 96), mode="bilinear", align_corners=False)
+    # columns: crop scale, angle, flip, shift x, shift y, erase area, aspect, top, left, erase
+    identity = torch.tensor([1.0, 0.5, 1.0, 0.5, 0.5, 0.0, 0.5, 0.0, 0.0, 1.0])
+    parameters = torch.stack([identity, identity])
+    monkeypatch.setattr(torch, "rand", lambda *shape, device=None: parameters.clone())
+    assert torch.allclose(images.random_views(x, 96), resized, atol=1e-5)
+    parameters[1, 2] = 0.0  # flip the second face
+    views = images.random_views(x, 96)
+    assert torch.allclose(views[0], resized[0], atol=1e-5) and torch.allclose(views[1], resized[1].flip(-1), atol=1e-5)
+    parameters[:, 2], parameters[0, 9] = 1.0, 0.0  # erase from the first face 25 % of the area, a square at the top left
+    parameters[0, 5] = (0.25 - 0.02) / 0.31
+    views = images.random_views(x, 96)
+    assert torch.allclose(views[0, :, :48, :48], resized[0].mean().expand(1, 48, 48), atol=1e-5)
+    assert torch.allclose(views[0, :, 48:], resized[0, :, 48:], atol=1e-5)
+    assert torch.allclose(views[1], resized[1], atol=1e-5)
+
+
+def test_trunk_is_fed_channels_last_on_cuda():
+    # No GPU here: fake CUDA tensors carry the strides the CUDA kernels would produce, without
+    # memory or a device; the fake convolution asks this torch build's own backend choice.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(), torch.device("cuda"):
+        encoder = images.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
+        seen = []
+        encoder.trunk.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+        features = encoder(torch.empty(4, 75, 75, dtype=torch.uint8))
+    trunk_input, grid = seen[0]
+    assert trunk_input.is_cuda and trunk_input.is_contiguous(memory_format=torch.channels_last)
+    if torch.backends.cudnn.is_available():  # a CUDA build: cuDNN then runs every layer NHWC
+        assert grid.is_contiguous(memory_format=torch.channels_last)
+    assert features["regions"].shape == (4, 4, 512)
