@@ -304,25 +304,25 @@ class Batches:
         order = torch.cat([idx for idx, _ in mine])  # (n,) sample indices, batch after batch
         rows = flipped[order].long() * n + order if self.cached else order
         # The epoch's text, labels and indices move to the device once; each step slices them.
-        on_device = {"input_ids": input_ids, "labels": self.split["labels"], "order": order,
-                     "flipped": flipped[order], "rows": rows}
-        on_device = {k: v.to(self.device, non_blocking=True) for k, v in on_device.items()}
+        epoch = {"input_ids": input_ids, "labels": self.split["labels"], "order": order,
+                 "flipped": flipped[order], "rows": rows}
+        epoch = {k: v.to(self.device, non_blocking=True) for k, v in epoch.items()}
         start = 0
         for idx, global_size in mine:
             at = slice(start, start + len(idx))
             start += len(idx)
             batch_lengths = lengths[idx].long()
             width = max(int(batch_lengths.max()), 1)  # trim padding to the longest row (CPU: no sync)
-            here = on_device["order"][at]
-            batch = {"input_ids": on_device["input_ids"][here, :width].long(),
+            here = epoch["order"][at]
+            batch = {"input_ids": epoch["input_ids"][here, :width].long(),
                      "lengths": batch_lengths,  # stays on the CPU: packing reads it there
-                     "labels": on_device["labels"][here], "global_size": global_size}
-            image_side = self._gather(on_device["rows"][at] if self.on_device else rows[at])
+                     "labels": epoch["labels"][here], "global_size": global_size}
+            image_side = self._gather(epoch["rows"][at] if self.on_device else rows[at])
             if self.cached:
                 batch["image_features"] = image_side
             else:
                 images = image_side["images"]  # (B, S, S) uint8, mirrored here on the device
-                batch["images"] = torch.where(on_device["flipped"][at, None, None], images.flip(-1), images)
+                batch["images"] = torch.where(epoch["flipped"][at, None, None], images.flip(-1), images)
             yield batch
 
 
