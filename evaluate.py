@@ -230,14 +230,14 @@ def plot_curves(rows, path):
 def ablations(model, split, features, scored, seed=0):
     """Scores with one input taken away, for the inputs `model` reads. The empty text and
     the blank image are inputs a fused model never saw in training, so their rows also measure
-    its reaction to something new; the shuffled text (real sentences, each beside another
-    pair's face, seeded) keeps the inputs' kind and removes only their pairing.
+    its reaction to something new; the shuffled rows (real sentences, or real faces, each beside
+    another pair's, seeded) keep the inputs' kind and remove only their pairing.
     `scored(split, features)` is score() with everything else fixed."""
     rows = {}
+    order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
     if model.uses_text:
         empty = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
                  "lengths": torch.zeros_like(split["lengths"])}
-        order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
         shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
         rows["no text"], rows["shuffled text"] = scored(empty, features), scored(shuffled, features)
     if model.uses_image:
@@ -248,6 +248,9 @@ def ablations(model, split, features, scored, seed=0):
                 k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:])  # as the cache
                 for k, v in model.image_features(blank.to(next(model.parameters()).device)).items()}
         rows["no image"] = scored(split, blank_features)
+        faces = {**split, "images": split["images"][order]}  # the labels stay with the texts
+        face_features = None if features is None else {k: v[:, order] for k, v in features.items()}
+        rows["shuffled image"] = scored(faces, face_features)
     return rows
 
 
@@ -272,7 +275,7 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--results", default="test_results.csv")
     p.add_argument("--ablate", action="store_true",
-                   help="also score with the text emptied or shuffled, and with a blank image")
+                   help="also score with the text emptied or shuffled, and the image blanked or shuffled")
     p.add_argument("--tta", action="store_true",
                    help="average the probabilities of each image and its mirror")
     p.add_argument("--cache-dir", default="data/cache")

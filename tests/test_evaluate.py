@@ -135,8 +135,8 @@ def test_ablation_shows_what_the_text_is_worth(text_trained, processed, tmp_path
     assert run_eval(text_trained, processed, tmp_path / "r.csv", "--ablate") == 0
     table = capsys.readouterr().out.split("ablation on test:")[1].splitlines()
     assert table[1].split()[-4:] == ["Disgust", "recall", "Neutral", "recall"]
-    scores = {line[:14].strip(): [float(x) for x in line[14:].split()] for line in table[2:6]}
-    assert list(scores) == ["full model", "no text", "shuffled text", "no image"]
+    scores = {line[:14].strip(): [float(x) for x in line[14:].split()] for line in table[2:7]}
+    assert list(scores) == ["full model", "no text", "shuffled text", "no image", "shuffled image"]
     full, no_text, shuffled = scores["full model"], scores["no text"], scores["shuffled text"]
     # columns: accuracy, macro-F1, accuracy on the text classes, Disgust recall, Neutral recall
     assert full[2] > 0.6
@@ -149,9 +149,10 @@ def test_ablation_inputs_and_the_rows_a_single_input_model_cannot_have(runs, pro
 
     def inputs(pairs, features):  # stands in for score(): what each row would be scored on
         return pairs, features
-    made = evaluate.ablations(model, split, None, inputs)
-    assert list(made) == ["no text", "shuffled text", "no image"]
-    (empty, _), (shuffled, _), (same, blank) = made.values()
+    features = {"pooled": torch.arange(len(split["labels"]), dtype=torch.float16).view(1, -1, 1)}
+    made = evaluate.ablations(model, split, features, inputs)
+    assert list(made) == ["no text", "shuffled text", "no image", "shuffled image"]
+    (empty, _), (shuffled, _), (same, blank), (faces, face_features) = made.values()
     assert empty["lengths"].eq(0).all() and empty["input_ids"].eq(0).all()
     assert not torch.equal(shuffled["input_ids"], split["input_ids"])
     assert sorted(map(tuple, shuffled["input_ids"].tolist())) == sorted(map(tuple, split["input_ids"].tolist()))
@@ -159,9 +160,14 @@ def test_ablation_inputs_and_the_rows_a_single_input_model_cannot_have(runs, pro
                        shuffled["input_ids"])  # seeded
     assert same is split and blank["pooled"].shape[:2] == (2, len(split["labels"]))
     assert blank["pooled"].eq(blank["pooled"][0, 0]).all(-1).all()  # one blank image for every pair
+    # the shuffled faces move with their cached features; texts and labels stay in place
+    order = face_features["pooled"].view(-1).long()
+    assert sorted(order.tolist()) == list(range(len(order))) and not torch.equal(order, torch.arange(len(order)))
+    assert torch.equal(faces["images"], split["images"][order])
+    assert faces["labels"] is split["labels"] and faces["input_ids"] is split["input_ids"]
     text_only, image_only = (build_model(replace(model.cfg, modality=modality)) for modality in ("text", "image"))
     assert list(evaluate.ablations(text_only, split, None, inputs)) == ["no text", "shuffled text"]
-    assert list(evaluate.ablations(image_only, split, None, inputs)) == ["no image"]
+    assert list(evaluate.ablations(image_only, split, None, inputs)) == ["no image", "shuffled image"]
 
 
 @pytest.fixture
