@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
     load_tokenizer, pick_device
@@ -118,6 +117,9 @@ def calibration_error(log_probs, labels, bins=ECE_BINS):
 
 def results_row(result, stats, classes, info, args, meta):
     """One row of the results CSV: the reference's 17 columns, per-class scores, extras."""
+    # Imported here, as in run(): scikit-learn takes 1.6 s to import, and train.py (each
+    # torchrun worker too) imports this module for evaluate() and scores() alone.
+    from sklearn.metrics import precision_recall_fscore_support
     labels, preds, ids = result["labels"], result["preds"], range(len(classes))
     precision, recall, _, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="macro", zero_division=0)
@@ -287,6 +289,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    from sklearn.metrics import classification_report, confusion_matrix
     device = pick_device(args.device)
     model, tokenizer, info = load_checkpoint(args.checkpoint, device)
     meta = load_meta(args.data)
