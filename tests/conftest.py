@@ -1,5 +1,5 @@
-"""Shared fixtures: one small synthetic data set and one tiny trained run of each model,
-built once per test session (CPU, no network, a few seconds each)."""
+"""Shared fixtures: one small synthetic data set and one short trained run of each model,
+built once per test session (CPU, no network)."""
 import sys
 from pathlib import Path
 
@@ -26,12 +26,18 @@ def processed(tmp_path_factory):
     return root / "processed"
 
 
+# Each model trained at lr 1e-3 until it reads the texts: Model A for 8 epochs; Model B, a
+# Transformer learning to read from scratch, for 10, after 10 warmup steps.
+EPOCHS, WARMUP = {"a": 8, "b": 10}, {"a": 0, "b": 10}
+
+
 @pytest.fixture(scope="session")
 def runs(processed, tmp_path_factory):
-    """checkpoints/<model_a|model_b>/ after 2 epochs each; tests must not modify them."""
+    """checkpoints/<model_a|model_b>/ after those runs; tests must not modify them."""
     out = tmp_path_factory.mktemp("checkpoints")
     cache = tmp_path_factory.mktemp("cache")
     for model in ("a", "b"):
         assert train.main(["--model", model, "--data", str(processed), "--out", str(out),
-                           "--cache-dir", str(cache), "--epochs", "2", *TINY]) == 0
+                           "--cache-dir", str(cache), "--lr", "1e-3", "--epochs", str(EPOCHS[model]),
+                           "--warmup", str(WARMUP[model]), *TINY]) == 0
     return out

@@ -11,8 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 import evaluate
 import prepare_data
-import train
-from conftest import SYNTHETIC, TINY
+from conftest import SYNTHETIC
 from data import Batches, cached_features, load_split
 from models import build_model, load_checkpoint
 
@@ -121,18 +120,8 @@ def test_tta_averages_the_probabilities_of_an_image_and_its_mirror(runs, process
     assert float(rows(results)[0]["Test_Accuracy"]) == pytest.approx(cached["accuracy"], abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def text_trained(processed, tmp_path_factory):
-    """Model A trained until the text carries its classes (the shared 2-epoch runs are near
-    chance): a tenfold learning rate and 8 epochs on the cached frozen trunk, a few seconds."""
-    out = tmp_path_factory.mktemp("text_trained")
-    assert train.main(["--model", "a", "--data", str(processed), "--out", str(out), "--cache-dir",
-                       str(out / "cache"), "--epochs", "8", "--lr", "1e-3", *TINY]) == 0
-    return out / "model_a" / "best.pt"
-
-
-def test_ablation_shows_what_the_text_is_worth(text_trained, processed, tmp_path, capsys):
-    assert run_eval(text_trained, processed, tmp_path / "r.csv", "--ablate") == 0
+def test_ablation_shows_what_the_text_is_worth(runs, processed, tmp_path, capsys):
+    assert run_eval(runs / "model_a" / "best.pt", processed, tmp_path / "r.csv", "--ablate") == 0
     table = capsys.readouterr().out.split("ablation on test:")[1].splitlines()
     assert table[1].split()[-4:] == ["Disgust", "recall", "Neutral", "recall"]
     scores = {line[:14].strip(): [float(x) for x in line[14:].split()] for line in table[2:7]}

@@ -149,11 +149,13 @@ def test_same_bytes_in_a_fresh_process(tmp_path):
                       for _ in range(6)), i % 6] for i in range(300)]
     with open(tmp_path / "texts.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text", "label"], *rows])
-    for out in ("one", "two"):
-        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--image-dir",
-                        str(tmp_path / "images"), "--text-csv", str(tmp_path / "texts.csv"),
-                        "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / out),
-                        "--vocab-size", "120", "--max-len", "16"], check=True, capture_output=True)
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "prepare_data.py"), "--image-dir",
+                              str(tmp_path / "images"), "--text-csv", str(tmp_path / "texts.csv"),
+                              "--raw-dir", str(tmp_path / f"raw-{out}"), "--out", str(tmp_path / out),
+                              "--vocab-size", "120", "--max-len", "16"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for out in ("one", "two")]  # side by side: the two imports of torch overlap
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
     outputs = sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_file())
     assert len(outputs) == 6  # 3 shards, texts-train.pt, tokenizer.json, meta.json
     for name in outputs:
