@@ -23,9 +23,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models import ResNet18_Weights
 
 from data import DataError, one_line
 
@@ -145,7 +143,8 @@ class PretrainedWeightsError(RuntimeError):
 
 def resnet18_trunk(pretrained: bool) -> nn.Sequential:
     """ResNet-18 without avgpool and fc: (B, 3, s, s) -> (B, 512, ceil(s/32), ceil(s/32))."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
+    import torchvision  # here: prepare_data.py reads images through this module and never needs it
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     try:
         resnet = torchvision.models.resnet18(weights=weights if pretrained else None)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file fails its hash or zip check
