@@ -24,11 +24,14 @@ from pathlib import Path
 
 import torch
 
-from data import Batches, autocast, cached_features, encode_texts, pick_device
+from checkpoints import load_checkpoint, save_checkpoint
+from data import Batches, cached_features
 from demo import predict
-from evaluate import evaluate
-from models import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from train import make_optimizer, parse_args, train_epoch
+from metrics import evaluate
+from models import ModelConfig, build_model
+from runtime import autocast, pick_device
+from tokenizer import encode_texts
+from train import Run, make_optimizer, train_epoch
 
 
 def fake_split(n, image_size, max_len, vocab_size, classes, seed):
@@ -68,10 +71,11 @@ def timed(device, work):
 
 def time_epoch(model, batches, device, mixed_precision, amp_dtype):
     """One training epoch as train.py runs it: its optimizer, its GradScaler, its step."""
-    optimizer = make_optimizer(model, parse_args(["--model", model.cfg.arch])[0], device)
+    # train.py's defaults: lr 1e-4, weight decay 0.01
+    optimizer = make_optimizer(model, lr=1e-4, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return timed(device, lambda: train_epoch(model, batches, optimizer, scaler, mixed_precision, step=0,
-                                             show_progress=False))
+    run = Run(model, model, optimizer, scaler, mixed_precision, batches, None)
+    return timed(device, lambda: train_epoch(run, show_progress=False))
 
 
 def bench(args):

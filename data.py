@@ -1,4 +1,4 @@
-"""Reading the prepared data set, serving batches, and the frozen-trunk feature cache.
+"""The prepared data set in memory: shards, the text pool, batches, the feature cache.
 
     from data import load_split, Batches
     train = load_split("data/processed", "train")
@@ -6,143 +6,23 @@
         logits = model(batch["input_ids"], batch["lengths"], images=batch["images"])
 
 prepare_data.py writes data/processed; this module only reads it (and writes the
-feature cache under data/cache). The device, precision and progress choices every script
-shares live here too, in one place. The whole data set is a few hundred MB of uint8,
+feature cache under data/cache). The whole data set is a few hundred MB of uint8,
 so it lives in memory and is served without a DataLoader: a seeded permutation,
 slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
+It holds no model (models.py) and no device or file helper (runtime.py).
 """
 import hashlib
 import json
-import os
-import secrets
-import shutil
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from runtime import DataError, atomic_write, autocast, fits_on_device, one_line, progress
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
 FORMAT_VERSION = 1  # bump when the shard layout changes; readers refuse other versions
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Missing or malformed prepared data; the message says what to run."""
-
-
-def one_line(err: BaseException, limit: int = 200) -> str:
-    """An exception as a short single line, for messages that must stay one line."""
-    text = " ".join(str(err).split()) or "?"
-    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-@contextmanager
-def atomic_write(path):
-    """Yield a temporary name beside `path`; it replaces `path` only when the block ends
-    without an error, so no reader (or later run) ever sees a half-written file."""
-    path = Path(path)
-    # A folder unique to the process: two runs writing one file (a shared data/cache) never
-    # write into each other's temporary file; the last os.replace wins, whole. The file
-    # keeps its own name inside it, because torch.save records the name in its bytes.
-    folder = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    folder.mkdir(parents=True)
-    try:
-        yield folder / path.name
-        os.replace(folder / path.name, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(path):
-    """The same for a folder: fill the fresh folder it yields; it replaces `path` whole
-    when the block ends without an error, and is removed when it does not."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed half way: start over
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pick_device(name="auto"):
-    """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error.
-    Under torchrun, CUDA is this process's own GPU (LOCAL_RANK), made the current one."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast(device, amp="auto"):
-    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the GPU computes
-    it natively (compute capability 8.0 on: A100, RTX 30xx and later), fp16 on older GPUs (T4,
-    V100: their bf16 is emulated and cuDNN has no bf16 convolutions; train.py adds a GradScaler),
-    and off on the CPU (CPU bf16 is slower than fp32 on most CPUs)."""
-    device = torch.device(device)
-    if amp == "auto":
-        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        amp = "off" if device.type != "cuda" else ("bf16" if native_bf16 else "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), dtype
-
-
-def fits_on_device(tensors, device, margin=0.25):
-    """Whether `tensors` (a dict) can move to `device` and still leave `margin` of the card free
-    for the model, the optimizer and the activations. The CPU holds them already."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    free, total = torch.cuda.mem_get_info(device)
-    return sum(t.nbytes for t in tensors.values()) <= free - margin * total
-
-
-def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
-    """Iterate over `items` (a sized iterable) showing progress: a tqdm bar on a terminal;
-    otherwise (`nohup make train > log`) a plain line at most every `every` seconds with
-    done/total, rate and ETA, where a bar would write a stream of carriage returns."""
-    if not enabled:
-        yield from items
-        return
-    if sys.stdout.isatty():
-        from tqdm import tqdm
-        yield from tqdm(items, desc=desc, unit=unit, leave=False)
-        return
-    total, start = len(items), time.monotonic()
-    last = start
-    for done, item in enumerate(items, 1):
-        yield item
-        now = time.monotonic()
-        if now - last >= every and done < total:
-            rate = done / (now - start)
-            eta = (total - done) / rate
-            print(f"{desc}: {done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {eta // 60:.0f} min "
-                  f"{eta % 60:02.0f} s", flush=True)
-            last = now
-
-
-def encode_texts(tokenizer, texts, max_len):
-    """Tokenize sentences -> input_ids int32 [N, max_len] (0 = pad, right-padded), lengths int16 [N]."""
-    encodings = tokenizer.encode_batch(list(texts))
-    input_ids = np.zeros((len(encodings), max_len), dtype=np.int32)
-    lengths = np.zeros(len(encodings), dtype=np.int16)
-    for row, encoding in enumerate(encodings):
-        ids = encoding.ids[:max_len]  # truncate: max_len keeps nearly every tweet whole
-        input_ids[row, : len(ids)] = ids
-        lengths[row] = len(ids)
-    return torch.from_numpy(input_ids), torch.from_numpy(lengths)
 
 
 def _load(path):
@@ -357,12 +237,11 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     half the memory of fp32, and its relative error (~5e-4) is far below what training notices.
     Returns (features, path).
     """
-    from images import feature_fingerprint  # images imports data: imported when called
     device = torch.device(device)
     mixed_precision, dtype = autocast(device, amp)
     digest = hashlib.sha256()
     _hash_tensor(digest, images)
-    digest.update(f"{feature_fingerprint(model)}|flips={flips}|{device.type}|{dtype}".encode())
+    digest.update(f"{model.feature_fingerprint()}|flips={flips}|{device.type}|{dtype}".encode())
     path = Path(cache_dir) / f"features-{digest.hexdigest()[:24]}.pt"
     shape = (2 if flips else 1, len(images))
     if path.exists() and (features := _load_features(path, shape)) is not None:

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DataError, atomic_write, encode_texts, load_meta, load_split, load_tokenizer, pick_device
+from checkpoints import CheckpointError, check_compatible, load_checkpoint
+from data import load_meta, load_split, load_tokenizer
 from images import centre_square, crop_square, detect_faces, face_square, load_photo, to_gray
-from models import CheckpointError, check_compatible, load_checkpoint
+from runtime import DataError, atomic_write, pick_device
+from tokenizer import encode_texts
 
 OCCLUSION_GRID = 7  # Model A's map: 7 x 7 patches, the resolution of Model B's region grid at 224 px
 

@@ -1,40 +1,45 @@
-"""Models A and B: a face image plus a sentence -> one of 7 emotions.
+"""Models A and B in full: a face image plus a sentence -> one of 7 emotions.
 
-    from models import ModelConfig, build_model, load_checkpoint
+    from models import ModelConfig, build_model
     model = build_model(ModelConfig(arch="b", vocab_size=5000))
     logits = model(input_ids, lengths, images=images)          # images: uint8 (B, S, S)
     features = model.image_features(images)                    # cacheable with a frozen trunk
     logits = model(input_ids, lengths, image_features=features)  # the same logits
-    model, tokenizer, info = load_checkpoint("checkpoints/model_b/best.pt")
 
-Both models share the image branch (images.ImageEncoder): preprocessing on the
-device, then an ImageNet ResNet-18 trunk, frozen by default. Model A reads the text with a GRU
-and concatenates; Model B reads it with a Transformer encoder whose tokens
-attend over the 7x7 grid of ResNet region tokens (the reference attended to a
-single pooled vector, where softmax over one key is always 1).
-`ModelConfig(modality="image"|"text")` builds the same branch and head on one
-input alone: the single-modality baselines that fusion is measured against.
+Here, in order: the config, the image branch both models share (preprocessing on the
+device, random training views, the ResNet-18 trunk, frozen by default), the two text
+encoders, Model B's cross-attention over the trunk's region grid, and the two models.
+Model A reads the text with a GRU and concatenates; Model B reads it with a Transformer
+encoder whose tokens attend over the grid of ResNet region tokens (7x7 at input 224,
+ceil(input/32) a side: 4x4 at 112, 2x2 at 64; the reference attended to a single pooled
+vector, where softmax over one key is always 1). `ModelConfig(modality="image"|"text")`
+builds the same branch and head on one input alone: the single-modality baselines that
+fusion is measured against. Saving and loading live in checkpoints.py.
 """
-import dataclasses
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
 
-import tokenizers
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from data import atomic_write, one_line
-from images import IMAGE_DIM, ImageEncoder
+from runtime import one_line
 
-CHECKPOINT_FORMAT = "mm-emotion-checkpoint"
-CHECKPOINT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODE = "bilinear"  # with align_corners=False; part of the feature fingerprint
+IMAGE_DIM = 512  # channels of ResNet-18's last stage
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, foreign, broken or does not fit the data."""
+
+class PretrainedWeightsError(RuntimeError):
+    """The ImageNet trunk weights were asked for but cannot be had."""
 
 
 @dataclass
@@ -59,6 +64,124 @@ class ModelConfig:
     augment: bool = False      # random views of each face in training mode (images.random_views); never in eval
 
 
+# ---- the image branch ------------------------------------------------------------
+def resnet18_trunk(pretrained: bool) -> nn.Sequential:
+    """ResNet-18 without avgpool and fc: (B, 3, s, s) -> (B, 512, ceil(s/32), ceil(s/32))."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        resnet = torchvision.models.resnet18(weights=weights if pretrained else None)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file fails its hash or zip check
+        # Never fall back to a random trunk: a model that silently cannot see faces is worse than a stop.
+        directory = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise PretrainedWeightsError(
+            f"cannot get the ImageNet ResNet-18 weights ({one_line(err)}); "
+            f"put {os.path.basename(weights.url)} in {directory}/ ($TORCH_HOME/hub/checkpoints/) "
+            f"or pass --no-pretrained to train without them") from err
+    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                         resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+
+
+def random_views(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Training augmentation, one batched resample: gray (B, 1, S, S) in [0, 1] -> (B, 1, size, size).
+
+    Each face gets its own random square crop of 80-100 % of its area at a random position, a
+    rotation within +-10 degrees and a horizontal flip (p 0.5); then, with p 0.25, a random
+    rectangle (2-33 % of the area, aspect 0.3-3.3, as torchvision's RandomErasing) is erased.
+    Crop, rotation, flip and the resize to the trunk's input are one affine map, so the face is
+    resampled once, bilinearly like the evaluation resize, which it equals at zero parameters.
+    It runs on the unnormalized single gray channel: a third of the work of the 3 normalized
+    channels, and its fill values are pixel values.
+    """
+    batch = x.shape[0]
+    u = torch.rand(batch, 10, device=x.device)  # (B, 10): torch's global generator of the device
+    side = (0.8 + 0.2 * u[:, 0]).sqrt()  # crop side / image side
+    angle = (2 * u[:, 1] - 1) * math.radians(10)
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    shift = (2 * u[:, 3:5] - 1) * (1 - side).unsqueeze(1)  # (B, 2) crop centre; the crop stays inside
+    cos, sin = side * angle.cos(), side * angle.sin()
+    # theta maps output to input coordinates in [-1, 1]: scale * rotation * flip, then the shift.
+    theta = torch.stack([torch.stack([flip * cos, -sin, shift[:, 0]], 1),
+                         torch.stack([flip * sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)  # (B, size, size, 2)
+    # Reflection fills the corners a rotation brings in with the face's own edge rather than black,
+    # and clamps the outer half pixel exactly as F.interpolate does.
+    x = F.grid_sample(x, grid, mode=RESIZE_MODE, padding_mode="reflection", align_corners=False)
+
+    area = 0.02 + 0.31 * u[:, 5]
+    aspect = (math.log(3.3) * (2 * u[:, 6] - 1)).exp()  # height / width, log-uniform
+    height, width = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    top, left = u[:, 7] * (1 - height), u[:, 8] * (1 - width)  # fractions of the side
+    centres = (torch.arange(size, device=x.device) + 0.5) / size  # (size,) pixel centres in [0, 1]
+    rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # (B, size)
+    columns = (centres >= left[:, None]) & (centres < (left + width)[:, None])  # (B, size)
+    erased = rows[:, :, None] & columns[:, None, :] & (u[:, 9] < 0.25)[:, None, None]  # (B, size, size)
+    # Filled with the face's own mean: a flat occluder that leaves the image's mean brightness, and
+    # so the batch statistics a fine-tuned trunk's BatchNorm tracks, where they were (black would not).
+    return torch.where(erased.unsqueeze(1), x.mean(dim=(2, 3), keepdim=True), x)
+
+
+class ImageEncoder(nn.Module):
+    """uint8 gray faces -> pooled vector (and region tokens). Preprocessing lives here, on the
+    device, so training, evaluation, the demo and the feature cache cannot preprocess differently."""
+
+    def __init__(self, cfg: ModelConfig, regions: bool):
+        super().__init__()
+        self.input_size = cfg.input_size
+        self.regions = regions  # only models that attend to the grid need (and cache) it
+        self.frozen = not cfg.finetune
+        self.augment = cfg.augment
+        self.trunk = resnet18_trunk(cfg.pretrained)
+        # Constants, not weights: kept out of the state dict, but part of the feature fingerprint.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if self.frozen:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+
+    def train(self, mode: bool = True):
+        # A frozen trunk keeps its ImageNet BatchNorm statistics even while the rest trains.
+        super().train(mode)
+        if self.frozen:
+            self.trunk.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> dict:
+        if images.dtype != torch.uint8 or images.dim() != 3:
+            raise ValueError(f"images must be uint8 (B, S, S), got {images.dtype} {tuple(images.shape)}")
+        x = images.unsqueeze(1).to(self.mean.dtype) / 255  # (B, 1, S, S) in [0, 1]
+        if self.augment and self.training:
+            x = random_views(x, self.input_size)  # (B, 1, s, s)
+        else:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode=RESIZE_MODE, align_corners=False)
+        x = (x - self.mean) / self.std  # (B, 3, s, s): gray copied to 3 channels, each with its own statistics
+        if x.is_cuda:
+            # cuDNN runs a convolution NHWC when its input or weight is (cudnn_conv_suggest_memory_format
+            # in ATen/native/ConvUtils.h) and returns NHWC, which BatchNorm, ReLU and pooling keep:
+            # one conversion here makes the whole trunk channels_last, faster on tensor cores.
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad() if self.frozen else nullcontext():
+            grid = self.trunk(x)  # (B, 512, h, w), h = w = ceil(s / 32): 7 at 224
+        features = {"pooled": grid.mean(dim=(2, 3))}  # (B, 512), the trunk's own avgpool
+        if self.regions:
+            features["regions"] = grid.flatten(2).transpose(1, 2)  # (B, h*w, 512)
+        return features
+
+    def fingerprint(self) -> str:
+        """sha256 of everything the features depend on: trunk weights, preprocessing, feature kinds.
+        Training-mode augmentation is not among them: features are computed in eval mode."""
+        digest = hashlib.sha256()
+        preprocessing = {"input_size": self.input_size, "mean": self.mean.flatten().tolist(),
+                         "std": self.std.flatten().tolist(), "resize": RESIZE_MODE, "align_corners": False,
+                         "features": "pooled+regions" if self.regions else "pooled"}
+        digest.update(json.dumps(preprocessing, sort_keys=True).encode())
+        # BatchNorm statistics included
+        for name, tensor in self.trunk.state_dict().items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+# ---- the text branches and fusion ------------------------------------------------
 class GRUTextEncoder(nn.Module):
     """Model A's text branch: the GRU state after each sequence's last real token."""
 
@@ -137,6 +260,12 @@ class EmotionModel(nn.Module):
     def cacheable(self) -> bool:
         """Whether the image features are a pure function of the image: a frozen trunk that exists."""
         return self.uses_image and not self.cfg.finetune
+
+    def feature_fingerprint(self) -> str:
+        """The image features' cache key part: ImageEncoder.fingerprint()."""
+        if not self.uses_image:
+            raise ValueError("a text-only model (modality 'text') has no image features to fingerprint")
+        return self.image_encoder.fingerprint()
 
     def image_features(self, images: torch.Tensor) -> dict:
         """uint8 (B, S, S) -> {"pooled": (B, 512)[, "regions": (B, HW, 512)]}."""
@@ -271,96 +400,3 @@ def describe(model: EmotionModel) -> str:
         image = "frozen ResNet-18 trunk" if encoder.frozen else "ResNet-18 trunk fine-tuned"
         image += (", augmented" if encoder.augment else "") + ("" if model.uses_text else ", image only")
     return f"{trainable:,} trainable parameters, {frozen:,} frozen ({image})"
-
-
-def _check_storable(value, where: str) -> None:
-    # Fail at save time, where the bug is, not when torch.load(weights_only=True) refuses the file.
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_storable(key, where)
-            _check_storable(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_storable(item, f"{where}[{index}]")
-    elif not (value is None or isinstance(value, (torch.Tensor, torch.dtype))
-              or type(value) in (str, int, float, bool)):  # exact types: numpy scalars are refused on load
-        raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint stores only tensors, dicts, "
-                        "lists, str, int, float, bool and None")
-
-
-def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: list[str], image_size: int,
-                    metrics: dict, args: dict | None = None, train_state: dict | None = None) -> None:
-    """Write a self-contained checkpoint atomically: a crash never leaves a half-written file."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: store the plain names
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(model.cfg),
-        "model": model.state_dict(), "tokenizer": tokenizer_json, "classes": list(classes),
-        "image_size": image_size, "metrics": metrics, "args": args or {}, "train_state": train_state,
-        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-                     "tokenizers": tokenizers.__version__},
-    }
-    _check_storable(checkpoint, "checkpoint")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, tokenizers.Tokenizer, info), the model rebuilt from the stored config alone.
-
-    info: classes, config, image_size, metrics, args, train_state, versions, tokenizer (its JSON).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, pickle or weights_only errors: all mean "not one of ours"
-        if "Weights only load failed" in str(err):  # torch's own text invites an unsafe load: do not echo it
-            raise CheckpointError(f"{path}: holds pickled Python objects, which are never loaded; "
-                                  "not a checkpoint of this project") from err
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({one_line(err)})") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no {CHECKPOINT_FORMAT!r} tag); "
-                              "train one with train.py")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {checkpoint.get('version')!r}, "
-                              f"this code reads version {CHECKPOINT_VERSION}")
-    try:
-        cfg = ModelConfig(**checkpoint["config"])
-        # The checkpoint holds the trunk weights: build without downloading anything.
-        model = build_model(dataclasses.replace(cfg, pretrained=False))
-        model.cfg = cfg
-        model.load_state_dict(checkpoint["model"])
-        tokenizer = tokenizers.Tokenizer.from_str(checkpoint["tokenizer"])
-        classes = checkpoint["classes"]
-    except Exception as err:  # a config that does not build, weights that do not fit it, a bad tokenizer
-        raise CheckpointError(f"{path}: broken checkpoint ({one_line(err)})") from err
-    if tokenizer.get_vocab_size() != cfg.vocab_size:
-        raise CheckpointError(f"{path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, "
-                              f"its model {cfg.vocab_size}")
-    if len(classes) != cfg.num_classes:
-        raise CheckpointError(f"{path}: {len(classes)} class names for a {cfg.num_classes}-class model")
-    info = {key: checkpoint.get(key) for key in
-            ("classes", "config", "image_size", "metrics", "args", "train_state", "versions", "tokenizer")}
-    return model.to(device).eval(), tokenizer, info
-
-
-def check_compatible(info: dict, data_tokenizer, meta: dict) -> None:
-    """Refuse a checkpoint whose classes, token ids, image size or sequence length mean
-    something else in this data set."""
-    if list(info["classes"]) != list(meta["classes"]):
-        raise CheckpointError(f"checkpoint classes {info['classes']} differ from the data's {meta['classes']} "
-                              "(meta.json): use the data the model was trained on, or retrain")
-    if tokenizers.Tokenizer.from_str(info["tokenizer"]).get_vocab() != data_tokenizer.get_vocab():
-        raise CheckpointError("the checkpoint's tokenizer differs from the data's tokenizer.json: "
-                              "use the data the model was trained on, or retrain")
-    if info["image_size"] != meta["image_size"]:
-        raise CheckpointError(f"the checkpoint was trained on {info['image_size']}px images, the data has "
-                              f"{meta['image_size']}px (meta.json): prepare the data with "
-                              f"--image-size {info['image_size']}, or retrain")
-    if info["config"]["max_len"] != meta["max_len"]:
-        raise CheckpointError(f"the checkpoint reads texts of up to {info['config']['max_len']} tokens, the data "
-                              f"holds up to {meta['max_len']} (meta.json): prepare the data with "
-                              f"--max-len {info['config']['max_len']}, or retrain")

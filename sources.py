@@ -16,8 +16,9 @@ import io
 import json
 from pathlib import Path
 
-from data import SPLITS, DataError, atomic_dir
 import synthetic
+from data import SPLITS
+from runtime import DataError, atomic_dir
 
 KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
 KAGGLE_TEXTS = "bhavikjikadara/emotions-dataset"

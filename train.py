@@ -16,30 +16,26 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from data import Batches, DataError, atomic_write, autocast, cached_features, load_meta, load_split, \
-    load_text_pool, load_tokenizer, pick_device, progress
-from evaluate import evaluate, plot_curves, scores
-from images import PretrainedWeightsError
-from models import CheckpointError, ModelConfig, build_model, check_compatible, default_backbone_lr_scale, \
-    describe, load_checkpoint, parameter_groups, save_checkpoint
+from checkpoints import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, gather
+from metrics import evaluate, plot_curves, scores
+from models import ModelConfig, PretrainedWeightsError, build_model, default_backbone_lr_scale, describe, \
+    parameter_groups
+from runtime import DataError, atomic_write, autocast, pick_device, progress
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
-# Set by torchrun (one process alone is rank 0 of 1), as nanoGPT reads them. Rank 0, the
-# master, alone builds the cache, prints, and writes the run's files.
-RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-MASTER = RANK == 0
 # A resume takes the rest from args.json; --data must hold compatible data (check_compatible).
 RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data", "resume",
                      "overwrite", "out", "run")
@@ -92,21 +88,6 @@ def parse_args(argv=None):
     return args, {name for name, value in vars(given).items() if value is not unset}
 
 
-def gather(value):
-    """[value of rank 0, value of rank 1, ...]: every rank calls it and gets the list."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def all_ranks(labels, preds, loss_sum):
-    """(labels, preds, summed loss) of one rank's samples -> those of every rank's samples."""
-    parts = gather((labels, preds, loss_sum))
-    return [np.concatenate([p[i] for p in parts]) for i in (0, 1)] + [sum(p[2] for p in parts)]
-
-
 def lr_factor(step, total_steps, args):
     """Linear warmup, then constant (the reference) or cosine to zero."""
     if step < args.warmup:
@@ -132,15 +113,30 @@ def resume_args(args, given, run_dir):
     kept = {name: value for name, value in saved.items() if name in vars(args) and name not in given}
     return argparse.Namespace(**{**vars(args), **kept, "out": args.out, "run": args.run})
 
-
 @dataclass
 class Counters:
     """Where a run stands after `epoch` epochs; checkpointed, so a resume continues from it."""
     epoch: int = 0
     step: int = 0
     best_f1: float = -1.0
-    stale: int = 0  # epochs since val macro-F1 last improved
-    train_seconds: float = 0.0  # the epochs plus building the cache, for the results table
+    # epochs since val macro-F1 last improved
+    stale: int = 0
+    # the epochs plus building the cache, for the results table
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """What travels from epoch to epoch: the model and what trains it, the batches, the counters."""
+    model: nn.Module  # owns the parameters: what checkpoints store
+    step_model: nn.Module  # what each step calls: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    mixed_precision: object  # a torch.autocast context
+    train_batches: Batches
+    val_batches: Batches | None
+    counters: Counters = field(default_factory=Counters)
+    rows: list = field(default_factory=list)  # log.csv's rows so far, as written there
 
 
 def build(args, meta, tokenizer, device, run_dir):
@@ -158,12 +154,14 @@ def build(args, meta, tokenizer, device, run_dir):
     return build_model(cfg).to(device), None
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
     """AdamW over models.parameter_groups: no weight decay on biases, norms and embeddings."""
-    scale = default_backbone_lr_scale(model.cfg) if args.backbone_lr_scale is None else args.backbone_lr_scale
+    if backbone_lr_scale is None:
+        backbone_lr_scale = default_backbone_lr_scale(model.cfg)
+    groups = parameter_groups(model, lr, weight_decay, backbone_lr_scale)
     # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
     # the device (the unfused step reads it with .item(), a host sync every step)
-    return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, scale), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, fused=device.type == "cuda")
 
 
 def make_batches(args, model, device):
@@ -198,76 +196,134 @@ def uses_cache(args, model):
     return model.cacheable and not args.no_cache
 
 
-def restore(state, optimizer, scaler, train_batches, device):
-    """Exact resume: every source of randomness picks up where it was. -> Counters."""
-    saved, made = len(state["optimizer"]["param_groups"]), len(optimizer.param_groups)
+def restore(state, run, device):
+    """Exact resume: every source of randomness picks up where it was. Sets run.counters."""
+    saved = len(state["optimizer"]["param_groups"])
+    made = len(run.optimizer.param_groups)
     if saved != made:
         raise DataError(f"cannot resume: last.pt's optimizer has {saved} parameter groups, this train.py "
                         f"makes {made} (it was saved by an older version): start a new run with --run NAME")
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
-        scaler.load_state_dict(state["scaler"])
-    train_batches.generator.set_state(state["rng_batches"])
-    if RANK < len(state["rng"]):  # a rank the saved run did not have keeps its own seed
+    run.optimizer.load_state_dict(state["optimizer"])
+    # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
+    if state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.train_batches.generator.set_state(state["rng_batches"])
+    # a rank the saved run did not have keeps its own seed
+    if RANK < len(state["rng"]):
         rng = state["rng"][RANK]
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
-    return Counters(**{f.name: state[f.name] for f in fields(Counters)})
+    run.counters = Counters(**{f.name: state[f.name] for f in fields(Counters)})
 
 
-def train_epoch(model, batches, optimizer, scaler, mixed_precision, *, step, clip=1.0, label_smoothing=0.0,
-                lr_at=lambda step: 1.0, step_model=None, world_size=1, desc="train", show_progress=True):
-    """One pass over `batches` -> (predictions, labels, summed loss, next step), all on the
-    device: nothing in the loop waits for it. `step_model` is the compiled or DDP-wrapped
-    model when there is one; `model` owns the parameters."""
-    step_model = model if step_model is None else step_model
-    step_model.train()
-    loss_sum, preds, labels = torch.zeros((), device=batches.device), [], []
-    for batch in progress(batches, desc, enabled=show_progress):
+def start(args, given, run_dir):
+    """Everything before the first epoch: the device and process group, the model (new or
+    resumed), the batches and the optimizer, and the run's args.json and log.csv.
+    -> (args, Run, what every checkpoint stores besides the model and its metrics)."""
+    if args.resume:
+        args = resume_args(args, given, run_dir)
+    elif (run_dir / "last.pt").exists() and not args.overwrite:
+        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                        "--run NAME for a new one, or --overwrite to replace it")
+    # under torchrun, this process's own GPU
+    device = pick_device(args.device)
+    if WORLD_SIZE > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # fp32 matmuls and convolutions on tensor cores; no-op on the CPU
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # model init: the same on every rank
+    torch.manual_seed(args.seed)
+    meta = load_meta(args.data)
+    tokenizer = load_tokenizer(args.data)
+    model, state = build(args, meta, tokenizer, device, run_dir)
+    # conv kernels NHWC, as the trunk's input is (models.ImageEncoder)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    # dropout: each rank draws its own masks
+    torch.manual_seed(args.seed + RANK)
+    mixed_precision, amp_dtype = autocast(device, args.amp)
+    if MASTER:
+        feeding = "cached features" if uses_cache(args, model) else "images through the trunk"
+        print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {amp_dtype} | {feeding}"
+              f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
+        if not model.cfg.pretrained:
+            print("note: random trunk (--no-pretrained): image features are not ImageNet's")
+    train_batches, val_batches, cache_seconds = make_batches(args, model, device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step_model = torch.compile(model) if args.compile else model
+    # the frozen trunk has no gradients: DDP syncs the head only
+    if WORLD_SIZE > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
+    if state is not None:
+        restore(state, run, device)
+        # a resume drops the log rows of an epoch logged but never checkpointed
+        with open(run_dir / "log.csv", newline="") as f:
+            run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
+    run.counters.train_seconds += cache_seconds
+    if MASTER:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = io.StringIO()
+        writer = csv.DictWriter(log, LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(run.rows)
+        for name, text in (("args.json", json.dumps(vars(args), indent=2)), ("log.csv", log.getvalue())):
+            with atomic_write(run_dir / name) as tmp:
+                tmp.write_text(text)
+    about = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"], image_size=meta["image_size"],
+                 args=vars(args))
+    return args, run, about
+
+
+def train_epoch(run, *, clip=1.0, label_smoothing=0.0, lr_at=lambda step: 1.0, desc="train",
+                show_progress=True):
+    """One pass over run.train_batches -> (predictions, labels, summed loss), all on the device:
+    nothing in the loop waits for it. Advances run.counters.step."""
+    optimizer = run.optimizer
+    scaler = run.scaler
+    run.step_model.train()
+    loss_sum = torch.zeros((), device=run.train_batches.device)
+    preds = []
+    labels = []
+    for batch in progress(run.train_batches, desc, enabled=show_progress):
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(step)
-        with mixed_precision:
-            logits = step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                                image_features=batch.get("image_features"))
+            group["lr"] = group["base_lr"] * lr_at(run.counters.step)
+        with run.mixed_precision:
+            logits = run.step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
+                                    image_features=batch.get("image_features"))
             summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
                                      label_smoothing=label_smoothing)
         # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean
         # over the whole global batch, even when the ranks' slices differ in size
-        scaler.scale(summed * (world_size / batch["global_size"])).backward()
+        scaler.scale(summed * (WORLD_SIZE / batch["global_size"])).backward()
         if clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            # clip the true gradients, not the fp16-scaled ones
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        run.counters.step += 1
         loss_sum += summed.detach()
         preds.append(logits.argmax(1))
         labels.append(batch["labels"])
-    return torch.cat(preds), torch.cat(labels), loss_sum, step
+    return torch.cat(preds), torch.cat(labels), loss_sum
 
 
-def run_epoch(epoch, counters, model, step_model, train_batches, val_batches, optimizer, scaler,
-              mixed_precision, args):
-    """Train one epoch and score val -> the log row (metrics over every rank)."""
-    total_steps = args.epochs * len(train_batches)
-    t0 = time.time()
-    preds, labels, loss_sum, counters.step = train_epoch(
-        model, train_batches, optimizer, scaler, mixed_precision, step=counters.step, clip=args.clip,
-        label_smoothing=args.label_smoothing, lr_at=lambda i: lr_factor(i, total_steps, args),
-        step_model=step_model, world_size=WORLD_SIZE, desc=f"epoch {epoch}", show_progress=MASTER)
-    labels, preds, loss_sum = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
-    seconds = time.time() - t0
-    counters.train_seconds += seconds
-    val = evaluate(model, val_batches, mixed_precision)
-    val_labels, val_preds, val_loss = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
-    train_scores, val_scores = (scores(labels, preds, model.cfg.num_classes),
-                                 scores(val_labels, val_preds, model.cfg.num_classes))
+def epoch_row(epoch, train_part, val_part, lr, seconds, num_classes):
+    """The log row of one epoch from (labels, preds, summed loss) of train and of val."""
+    labels, preds, loss_sum = train_part
+    val_labels, val_preds, val_loss_sum = val_part
+    train_scores = scores(labels, preds, num_classes)
+    val_scores = scores(val_labels, val_preds, num_classes)
     return {"epoch": epoch, "train_loss": loss_sum / len(labels),
             "train_accuracy": train_scores["accuracy"], "train_macro_f1": train_scores["macro_f1"],
-            "val_loss": val_loss / len(val_labels), "val_accuracy": val_scores["accuracy"],
-            "val_macro_f1": val_scores["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
+            "val_loss": val_loss_sum / len(val_labels), "val_accuracy": val_scores["accuracy"],
+            "val_macro_f1": val_scores["macro_f1"], "lr": lr,
             "samples_per_s": len(labels) / seconds, "seconds": seconds}
 
 
@@ -276,109 +332,91 @@ def log_epoch(run_dir, rows, row, improved, epochs):
     rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     with open(run_dir / "log.csv", "a", newline="") as f:
         csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n").writerow(rows[-1])
+    mark = " *" if improved else "  "
     print(f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
           f"acc {row['train_accuracy']:.4f} f1 {row['train_macro_f1']:.4f} | val loss "
-          f"{row['val_loss']:.4f} acc {row['val_accuracy']:.4f} f1 {row['val_macro_f1']:.4f}"
-          f"{' *' if improved else '  '} | lr {row['lr']:.2e} | "
-          f"{row['samples_per_s']:.0f} samples/s | {row['seconds']:.1f} s", flush=True)
+          f"{row['val_loss']:.4f} acc {row['val_accuracy']:.4f} f1 {row['val_macro_f1']:.4f}{mark} | "
+          f"lr {row['lr']:.2e} | {row['samples_per_s']:.0f} samples/s | {row['seconds']:.1f} s", flush=True)
 
 
-def save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device):
+def save(run_dir, run, improved, about, device):
     """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
     `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
-    rngs = gather({"torch": torch.get_rng_state(),  # each rank draws its own dropout masks
+    # each rank draws its own dropout masks
+    rngs = gather({"torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
     if not MASTER:
         return
-    last = {k: float(v) for k, v in rows[-1].items() if k != "epoch"}
+    counters = run.counters
+    last = {k: float(v) for k, v in run.rows[-1].items() if k != "epoch"}
     about = {**about, "metrics": {
         "epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
         "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
-        "best_val_accuracy": max(float(r["val_accuracy"]) for r in rows),
+        "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
         "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
     if improved:
-        save_checkpoint(run_dir / "best.pt", model, **about)
-    save_checkpoint(run_dir / "last.pt", model, **about, train_state={
-        **asdict(counters), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "rng_batches": train_batches.generator.get_state(), "rng": rngs})
+        save_checkpoint(run_dir / "best.pt", run.model, **about)
+    save_checkpoint(run_dir / "last.pt", run.model, **about, train_state={
+        **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs})
+
+
+def interrupted(args, run_dir, epoch):
+    """What to tell the user after Ctrl-C in `epoch`."""
+    if not (run_dir / "last.pt").exists():
+        return f"interrupted in epoch {epoch}, before any checkpoint: nothing to resume"
+    return (f"interrupted in epoch {epoch}: {run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n"
+            f"  python train.py --model {args.model} --out {args.out} --run {args.run} --resume")
 
 
 def train(args, given):
+    """Set up the run (or resume it), then train epoch by epoch: train, gather, evaluate, log,
+    save, stop. -> exit code."""
     run_dir = Path(args.out) / args.run
-    if args.resume:
-        args = resume_args(args, given, run_dir)
-    elif (run_dir / "last.pt").exists() and not args.overwrite:
-        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                        "--run NAME for a new one, or --overwrite to replace it")
-    device = pick_device(args.device)  # under torchrun, this process's own GPU
-    if WORLD_SIZE > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no-op on CPU
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # model init: the same on every rank
-    meta, tokenizer = load_meta(args.data), load_tokenizer(args.data)
-    model, state = build(args, meta, tokenizer, device, run_dir)
-    if device.type == "cuda":  # conv kernels NHWC, as the trunk's input is (images.ImageEncoder)
-        model.to(memory_format=torch.channels_last)
-    torch.manual_seed(args.seed + RANK)  # dropout: each rank draws its own masks
-    mixed_precision, amp_dtype = autocast(device, args.amp)
-    if MASTER:
-        print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {amp_dtype} | "
-              f"{'cached features' if uses_cache(args, model) else 'images through the trunk'}"
-              f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
-        if not model.cfg.pretrained:
-            print("note: random trunk (--no-pretrained): image features are not ImageNet's")
-    train_batches, val_batches, cache_seconds = make_batches(args, model, device)
-    optimizer = make_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if args.compile else model
-    if WORLD_SIZE > 1:  # the frozen trunk has no gradients: DDP syncs the head only
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    counters, rows = Counters(), []
-    if state is not None:
-        counters = restore(state, optimizer, scaler, train_batches, device)
-        with open(run_dir / "log.csv", newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= counters.epoch]
-    counters.train_seconds += cache_seconds
-    if MASTER:  # log.csv: a resume drops rows of an epoch logged but never checkpointed
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = io.StringIO()
-        writer = csv.DictWriter(log, LOG_COLUMNS, lineterminator="\n")
-        writer.writeheader(), writer.writerows(rows)
-        for name, text in (("args.json", json.dumps(vars(args), indent=2)), ("log.csv", log.getvalue())):
-            with atomic_write(run_dir / name) as tmp:
-                tmp.write_text(text)
-    about = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"],
-                 image_size=meta["image_size"], args=vars(args))
-
+    args, run, about = start(args, given, run_dir)
+    model = run.model
+    counters = run.counters
+    total_steps = args.epochs * len(run.train_batches)
+    device = run.train_batches.device
     epoch = counters.epoch + 1
     try:
         for epoch in range(counters.epoch + 1, args.epochs + 1):
-            row = run_epoch(epoch, counters, model, step_model, train_batches, val_batches,
-                            optimizer, scaler, mixed_precision, args)
-            improved = row["val_macro_f1"] > counters.best_f1  # then best.pt is written too
-            counters.epoch, counters.best_f1 = epoch, max(counters.best_f1, row["val_macro_f1"])
+            # train: one pass over this epoch's shuffled batches
+            t0 = time.time()
+            preds, labels, loss_sum = train_epoch(
+                run, clip=args.clip, label_smoothing=args.label_smoothing,
+                lr_at=lambda step: lr_factor(step, total_steps, args), desc=f"epoch {epoch}",
+                show_progress=MASTER)
+            # gather: every rank's predictions (each rank trained on its slice of every batch)
+            train_part = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
+            seconds = time.time() - t0
+            counters.train_seconds += seconds
+            # evaluate: val, each rank its share, put together
+            val = evaluate(model, run.val_batches, run.mixed_precision)
+            val_part = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
+            # log: log.csv, the printed line and the counters
+            row = epoch_row(epoch, train_part, val_part, run.optimizer.param_groups[0]["lr"], seconds,
+                            model.cfg.num_classes)
+            improved = row["val_macro_f1"] > counters.best_f1
+            counters.epoch = epoch
+            counters.best_f1 = max(counters.best_f1, row["val_macro_f1"])
             counters.stale = 0 if improved else counters.stale + 1
             if MASTER:
-                log_epoch(run_dir, rows, row, improved, args.epochs)
-            save(run_dir, model, optimizer, scaler, train_batches, counters, rows, improved, about, device)
+                log_epoch(run_dir, run.rows, row, improved, args.epochs)
+            # save: last.pt every epoch, best.pt when val macro-F1 improved
+            save(run_dir, run, improved, about, device)
+            # stop: early, after --patience epochs without a better val macro-F1
             if args.patience and counters.stale >= args.patience:
                 if MASTER:
                     print(f"early stop: val macro-F1 has not improved for {counters.stale} epochs")
                 break
     except KeyboardInterrupt:
         if MASTER:
-            print(f"\ninterrupted in epoch {epoch}: " + (
-                f"{run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n  python train.py "
-                f"--model {args.model} --out {args.out} --run {args.run} --resume"
-                if (run_dir / "last.pt").exists() else "before any checkpoint: nothing to resume"),
-                file=sys.stderr)
+            print(f"\n{interrupted(args, run_dir, epoch)}", file=sys.stderr)
         return 130
     finally:
-        if rows and MASTER:
-            plot_curves(rows, run_dir / "curves.png")
+        if run.rows and MASTER:
+            plot_curves(run.rows, run_dir / "curves.png")
     if MASTER:
         print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0

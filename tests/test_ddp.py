@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import ROOT, TINY
-from models import load_checkpoint
+from checkpoints import load_checkpoint
 from test_train import TIMING, read_log
 
 

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import demo
-from data import CLASSES, encode_texts
+from tokenizer import encode_texts
+from data import CLASSES
 from images import detect_faces, read_image
-from models import load_checkpoint
+from checkpoints import load_checkpoint
 from test_images import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,12 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 import evaluate
+import metrics
 import prepare_data
 from conftest import SYNTHETIC
 from data import Batches, cached_features, load_split
-from models import build_model, load_checkpoint
+from checkpoints import load_checkpoint
+from models import build_model
 
 
 def rows(path):
@@ -55,7 +57,7 @@ def test_numbers_equal_scikit_learn(runs, processed, tmp_path):
     assert run_eval(runs / "model_a" / "best.pt", processed, results) == 0
     row = rows(results)[0]
     model, _, info = load_checkpoint(runs / "model_a" / "best.pt")
-    out = evaluate.evaluate(model, Batches(load_split(processed, "test"), 64, "cpu"))
+    out = metrics.evaluate(model, Batches(load_split(processed, "test"), 64, "cpu"))
     y, p = out["labels"], out["preds"]
     assert float(row["Test_Accuracy"]) == pytest.approx(accuracy_score(y, p), abs=1e-6)
     macro = precision_recall_fscore_support(y, p, average="macro", zero_division=0)
@@ -73,40 +75,40 @@ def test_macro_f1_averages_every_class_as_scikit_learn_does():
     labels, preds = generator.integers(0, 6, 500), generator.integers(0, 6, 500)  # class 6: never seen
     preds[:40] = labels[:40]
     expected = f1_score(labels, preds, labels=range(7), average="macro", zero_division=0)
-    assert evaluate.scores(labels, preds, 7) == {"accuracy": pytest.approx(accuracy_score(labels, preds)),
+    assert metrics.scores(labels, preds, 7) == {"accuracy": pytest.approx(accuracy_score(labels, preds)),
                                                   "macro_f1": pytest.approx(expected)}
-    assert evaluate.scores(labels, preds, 7)["macro_f1"] < f1_score(labels, preds, average="macro")
+    assert metrics.scores(labels, preds, 7)["macro_f1"] < f1_score(labels, preds, average="macro")
 
 
 def test_bootstrap_is_seeded_and_brackets_the_score():
     generator = np.random.default_rng(1)
     labels = generator.integers(0, 7, 400)
     preds = np.where(generator.random(400) < 0.7, labels, generator.integers(0, 7, 400))
-    intervals = evaluate.bootstrap(labels, preds, 7)
-    assert intervals == evaluate.bootstrap(labels, preds, 7)
-    point = evaluate.scores(labels, preds, 7)
+    intervals = metrics.bootstrap(labels, preds, 7)
+    assert intervals == metrics.bootstrap(labels, preds, 7)
+    point = metrics.scores(labels, preds, 7)
     for key, (low, high) in intervals.items():
         assert low < point[key] < high
         assert 0.05 < high - low < 0.15  # about 4 standard errors of a proportion near 0.7 at n=400
-    assert evaluate.bootstrap(labels, preds, 7, seed=1) != intervals
+    assert metrics.bootstrap(labels, preds, 7, seed=1) != intervals
 
 
 def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
     labels = torch.tensor([0, 1, 0, 1])
     sure = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.95, 0.05], [0.95, 0.05]]).log()
-    assert evaluate.calibration_error(sure, labels) == pytest.approx(0.45)  # 95 % sure, 50 % right
+    assert metrics.calibration_error(sure, labels) == pytest.approx(0.45)  # 95 % sure, 50 % right
     calibrated = torch.tensor([[0.5, 0.5]] * 4).log()  # two pairs right by argmax, confidence 0.5
-    assert evaluate.calibration_error(calibrated, labels) == pytest.approx(0.0)
+    assert metrics.calibration_error(calibrated, labels) == pytest.approx(0.0)
     two_bins = torch.tensor([[0.99, 0.01], [0.99, 0.01], [0.6, 0.4], [0.6, 0.4]]).log()
     # bin (14/15, 1]: 0.99 sure, 1 of 2 right; bin (8/15, 9/15]: 0.6 sure, 1 of 2 right
-    assert evaluate.calibration_error(two_bins, labels) == pytest.approx(0.5 * 0.49 + 0.5 * 0.1)
+    assert metrics.calibration_error(two_bins, labels) == pytest.approx(0.5 * 0.49 + 0.5 * 0.1)
 
 
 def test_tta_averages_the_probabilities_of_an_image_and_its_mirror(runs, processed, tmp_path):
     model, _, _ = load_checkpoint(runs / "model_a" / "best.pt")
     split = load_split(processed, "test")
-    plain = evaluate.evaluate(model, Batches(split, 256, "cpu"))
-    mirror = evaluate.evaluate(model, Batches({**split, "images": split["images"].flip(-1)}, 256, "cpu"))
+    plain = metrics.evaluate(model, Batches(split, 256, "cpu"))
+    mirror = metrics.evaluate(model, Batches({**split, "images": split["images"].flip(-1)}, 256, "cpu"))
     expected = (plain["log_probs"].exp() + mirror["log_probs"].exp()) / 2
     assert not torch.allclose(plain["log_probs"], mirror["log_probs"], atol=1e-3)
     # the cached path, as evaluate.py --tta runs it: the mirrors are the cache's variant 1

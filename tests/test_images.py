@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import images
-from data import DataError
+import models
 from models import build_model
+from runtime import DataError
 from test_models import batch, small_config, small_model
 from images import (FACE_MARGIN, centre_square, crop_square, detect_faces, face_square, load_photo, read_image,
                     to_gray)
@@ -136,7 +137,7 @@ def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatc
     # The real download function, made to fail like a machine without network does.
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     start = time.perf_counter()
-    with pytest.raises(images.PretrainedWeightsError) as caught:
+    with pytest.raises(models.PretrainedWeightsError) as caught:
         build_model(small_config("a", pretrained=True))
     assert time.perf_counter() - start < 10
     message = str(caught.value)
@@ -145,7 +146,7 @@ def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatc
 
 
 def test_feature_fingerprint_tracks_trunk_and_preprocessing():
-    fingerprint = images.feature_fingerprint
+    fingerprint = models.EmotionModel.feature_fingerprint
     model = small_model("b")
     assert fingerprint(model) == fingerprint(small_model("b", n_layers=1))  # text side is irrelevant
     assert fingerprint(model) != fingerprint(small_model("b", input_size=96))
@@ -191,13 +192,13 @@ def test_random_views_at_chosen_parameters(monkeypatch):
     identity = torch.tensor([1.0, 0.5, 1.0, 0.5, 0.5, 0.0, 0.5, 0.0, 0.0, 1.0])
     parameters = torch.stack([identity, identity])
     monkeypatch.setattr(torch, "rand", lambda *shape, device=None: parameters.clone())
-    assert torch.allclose(images.random_views(x, 96), resized, atol=1e-5)
+    assert torch.allclose(models.random_views(x, 96), resized, atol=1e-5)
     parameters[1, 2] = 0.0  # flip the second face
-    views = images.random_views(x, 96)
+    views = models.random_views(x, 96)
     assert torch.allclose(views[0], resized[0], atol=1e-5) and torch.allclose(views[1], resized[1].flip(-1), atol=1e-5)
     parameters[:, 2], parameters[0, 9] = 1.0, 0.0  # erase from the first face 25 % of the area, a square at the top left
     parameters[0, 5] = (0.25 - 0.02) / 0.31
-    views = images.random_views(x, 96)
+    views = models.random_views(x, 96)
     assert torch.allclose(views[0, :, :48, :48], resized[0].mean().expand(1, 48, 48), atol=1e-5)
     assert torch.allclose(views[0, :, 48:], resized[0, :, 48:], atol=1e-5)
     assert torch.allclose(views[1], resized[1], atol=1e-5)
@@ -208,7 +209,7 @@ def test_trunk_is_fed_channels_last_on_cuda():
     # memory or a device; the fake convolution asks this torch build's own backend choice.
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(), torch.device("cuda"):
-        encoder = images.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
+        encoder = models.ImageEncoder(small_config("b", finetune=True, augment=True), regions=True).train()
         seen = []
         encoder.trunk.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
         features = encoder(torch.empty(4, 75, 75, dtype=torch.uint8))

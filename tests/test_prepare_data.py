@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import runtime
 import prepare_data
 import sources
 from data import load_meta, load_split, load_text_pool, load_tokenizer
@@ -273,7 +274,7 @@ def test_killed_run_is_not_taken_for_finished(tmp_path, local_data, monkeypatch)
     monkeypatch.setattr(prepare_data, "atomic_write", dies_after_the_train_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path, *args)
-    with pytest.raises(data.DataError):
+    with pytest.raises(runtime.DataError):
         load_split(tmp_path / "processed", "train")  # no meta.json: not a finished data set
     assert (tmp_path / "processed" / "train-00000.pt").exists()
     monkeypatch.setattr(prepare_data, "atomic_write", real_atomic_write)
@@ -299,7 +300,7 @@ def test_data_from_another_format_version_is_refused(tmp_path, local_data):
     assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(texts)) == 0
     meta_path = tmp_path / "processed" / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "version": 0}))
-    with pytest.raises(data.DataError, match="prepare_data.py --force"):
+    with pytest.raises(runtime.DataError, match="prepare_data.py --force"):
         load_split(tmp_path / "processed", "train")
 
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 import train
 from conftest import EPOCHS, TINY
-from data import Batches, autocast, cached_features, load_meta, load_split, load_text_pool, \
-    load_tokenizer, progress
-from models import ModelConfig, build_model, load_checkpoint
+from checkpoints import load_checkpoint
+from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from models import ModelConfig, build_model
+from runtime import autocast, progress
 
 TIMING = ("samples_per_s", "seconds")
 
@@ -157,10 +158,12 @@ def test_resume_skips_an_empty_scaler_state(runs, processed):
     state = info["train_state"]
     assert state["scaler"] == {}
     args, _ = train.parse_args(["--model", "a"])
-    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    optimizer = train.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     batches = Batches(load_split(processed, "val"), 32, "cpu")
-    counters = train.restore(state, optimizer, scaler, batches, torch.device("cpu"))
+    run = train.Run(model, model, optimizer, scaler, nullcontext(), batches, None)
+    train.restore(state, run, torch.device("cpu"))
+    counters = run.counters
     assert counters.epoch == EPOCHS["a"] and scaler.get_scale() == 2.0 ** 10
 
 
@@ -271,7 +274,7 @@ def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
         args, _ = train.parse_args(["--model", "a", "--finetune-backbone", "--lr", "1e-3", *TINY, *extra])
         model, _ = train.build(args, meta, tokenizer, torch.device("cpu"), tmp_path)
         assert model.cfg.augment and not train.uses_cache(args, model)
-        optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+        optimizer = train.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
         lrs[tuple(extra)] = {group["name"]: group["lr"] for group in optimizer.param_groups}
     # a random trunk (--no-pretrained) learns at the head's rate unless told otherwise
     assert lrs[()] == {"head": 1e-3, "head no decay": 1e-3, "trunk": 1e-3, "trunk no decay": 1e-3}
@@ -285,9 +288,9 @@ def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
     with torch.no_grad():
         logits = model.train()(batch["input_ids"], batch["lengths"], images=batch["images"])
     expected = F.cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=0.1)
-    optimizer = train.make_optimizer(model, train.parse_args(["--model", "a", "--lr", "0"])[0], torch.device("cpu"))
-    _, _, loss_sum, _ = train.train_epoch(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                          nullcontext(), step=0, label_smoothing=0.1, show_progress=False)
+    optimizer = train.make_optimizer(model, lr=0)
+    run = train.Run(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), batches, None)
+    _, _, loss_sum = train.train_epoch(run, label_smoothing=0.1, show_progress=False)
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     plain = F.cross_entropy(logits, batch["labels"], reduction="sum")
     assert abs(expected.item() - plain.item()) > 0.1  # the smoothing changes this batch's loss

@@ -1,0 +1,120 @@
+"""Checkpoints: save a model with everything needed to use it, load it back, and check
+that it fits a prepared data set.
+
+    from checkpoints import load_checkpoint, save_checkpoint
+    model, tokenizer, info = load_checkpoint("checkpoints/model_b/best.pt")
+
+A checkpoint is self-contained (model config and weights, tokenizer JSON, class names,
+image size, training args, metrics, versions), written atomically and loaded with
+`weights_only=True`: no pickled Python objects. The model itself is models.py's.
+"""
+import dataclasses
+from dataclasses import asdict
+from pathlib import Path
+
+import tokenizers
+import torch
+import torchvision
+
+from models import EmotionModel, ModelConfig, build_model
+from runtime import atomic_write, one_line
+
+CHECKPOINT_FORMAT = "mm-emotion-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, foreign, broken or does not fit the data."""
+
+
+def _check_storable(value, where: str) -> None:
+    # Fail at save time, where the bug is, not when torch.load(weights_only=True) refuses the file.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_storable(key, where)
+            _check_storable(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_storable(item, f"{where}[{index}]")
+    elif not (value is None or isinstance(value, (torch.Tensor, torch.dtype))
+              or type(value) in (str, int, float, bool)):  # exact types: numpy scalars are refused on load
+        raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint stores only tensors, dicts, "
+                        "lists, str, int, float, bool and None")
+
+
+def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: list[str], image_size: int,
+                    metrics: dict, args: dict | None = None, train_state: dict | None = None) -> None:
+    """Write a self-contained checkpoint atomically: a crash never leaves a half-written file."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: store the plain names
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(model.cfg),
+        "model": model.state_dict(), "tokenizer": tokenizer_json, "classes": list(classes),
+        "image_size": image_size, "metrics": metrics, "args": args or {}, "train_state": train_state,
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+                     "tokenizers": tokenizers.__version__},
+    }
+    _check_storable(checkpoint, "checkpoint")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, tokenizers.Tokenizer, info), the model rebuilt from the stored config alone.
+
+    info: classes, config, image_size, metrics, args, train_state, versions, tokenizer (its JSON).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle or weights_only errors: all mean "not one of ours"
+        if "Weights only load failed" in str(err):  # torch's own text invites an unsafe load: do not echo it
+            raise CheckpointError(f"{path}: holds pickled Python objects, which are never loaded; "
+                                  "not a checkpoint of this project") from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({one_line(err)})") from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no {CHECKPOINT_FORMAT!r} tag); "
+                              "train one with train.py")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {checkpoint.get('version')!r}, "
+                              f"this code reads version {CHECKPOINT_VERSION}")
+    try:
+        cfg = ModelConfig(**checkpoint["config"])
+        # The checkpoint holds the trunk weights: build without downloading anything.
+        model = build_model(dataclasses.replace(cfg, pretrained=False))
+        model.cfg = cfg
+        model.load_state_dict(checkpoint["model"])
+        tokenizer = tokenizers.Tokenizer.from_str(checkpoint["tokenizer"])
+        classes = checkpoint["classes"]
+    except Exception as err:  # a config that does not build, weights that do not fit it, a bad tokenizer
+        raise CheckpointError(f"{path}: broken checkpoint ({one_line(err)})") from err
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, "
+                              f"its model {cfg.vocab_size}")
+    if len(classes) != cfg.num_classes:
+        raise CheckpointError(f"{path}: {len(classes)} class names for a {cfg.num_classes}-class model")
+    info = {key: checkpoint.get(key) for key in
+            ("classes", "config", "image_size", "metrics", "args", "train_state", "versions", "tokenizer")}
+    return model.to(device).eval(), tokenizer, info
+
+
+def check_compatible(info: dict, data_tokenizer, meta: dict) -> None:
+    """Refuse a checkpoint whose classes, token ids, image size or sequence length mean
+    something else in this data set."""
+    if list(info["classes"]) != list(meta["classes"]):
+        raise CheckpointError(f"checkpoint classes {info['classes']} differ from the data's {meta['classes']} "
+                              "(meta.json): use the data the model was trained on, or retrain")
+    if tokenizers.Tokenizer.from_str(info["tokenizer"]).get_vocab() != data_tokenizer.get_vocab():
+        raise CheckpointError("the checkpoint's tokenizer differs from the data's tokenizer.json: "
+                              "use the data the model was trained on, or retrain")
+    if info["image_size"] != meta["image_size"]:
+        raise CheckpointError(f"the checkpoint was trained on {info['image_size']}px images, the data has "
+                              f"{meta['image_size']}px (meta.json): prepare the data with "
+                              f"--image-size {info['image_size']}, or retrain")
+    if info["config"]["max_len"] != meta["max_len"]:
+        raise CheckpointError(f"the checkpoint reads texts of up to {info['config']['max_len']} tokens, the data "
+                              f"holds up to {meta['max_len']} (meta.json): prepare the data with "
+                              f"--max-len {info['config']['max_len']}, or retrain")
