@@ -43,14 +43,16 @@ def _check_storable(value, where: str) -> None:
 
 
 def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: list[str], image_size: int,
-                    metrics: dict, args: dict | None = None, train_state: dict | None = None) -> None:
-    """Write a self-contained checkpoint atomically: a crash never leaves a half-written file."""
+                    metrics: dict, args: dict | None = None, train_state: dict | None = None,
+                    temperature: float = 1.0) -> None:
+    """Write a self-contained checkpoint atomically: a crash never leaves a half-written file.
+    `temperature`: the logits' divisor fitted on val after training (1.0: not calibrated)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: store the plain names
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(model.cfg),
         "model": model.state_dict(), "tokenizer": tokenizer_json, "classes": list(classes),
         "image_size": image_size, "metrics": metrics, "args": args or {}, "train_state": train_state,
-        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+        "temperature": float(temperature), "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
                      "tokenizers": tokenizers.__version__},
     }
     _check_storable(checkpoint, "checkpoint")
@@ -98,6 +100,8 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: {len(classes)} class names for a {cfg.num_classes}-class model")
     info = {key: checkpoint.get(key) for key in
             ("classes", "config", "image_size", "metrics", "args", "train_state", "versions", "tokenizer")}
+    # a checkpoint saved before calibration existed is uncalibrated
+    info["temperature"] = checkpoint.get("temperature", 1.0)
     return model.to(device).eval(), tokenizer, info
 
 

@@ -23,6 +23,9 @@ from runtime import DataError, atomic_write, autocast, fits_on_device, one_line,
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
 FORMAT_VERSION = 1  # bump when the shard layout changes; readers refuse other versions
 SPLITS = ("train", "val", "test")
+# A missing face: mid-gray, no face and no contrast. The ablation, --modality-dropout and the
+# demo without --image all use this one blank image, so a missing face is one input the model knows.
+BLANK_PIXEL = 128
 
 
 def _load(path):

@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from checkpoints import CheckpointError, check_compatible, load_checkpoint
-from data import Batches, cached_features, load_meta, load_split, load_tokenizer
+from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_tokenizer
 from metrics import ECE_BINS, RESAMPLES, bootstrap, calibration_error, evaluate, summarize
 from runtime import DataError, atomic_write, autocast, pick_device
 
@@ -161,7 +161,7 @@ def ablations(model, split, features, scored, seed=0):
         shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
         rows["no text"], rows["shuffled text"] = scored(empty, features), scored(shuffled, features)
     if model.uses_image:
-        blank = torch.full_like(split["images"][:1], 128)  # mid-gray: no face, no contrast
+        blank = torch.full_like(split["images"][:1], BLANK_PIXEL)
         model.eval()
         with torch.inference_mode():  # one blank image's features, shared by every pair and its
             blank_features = {     # mirror (a blank image is its own mirror): [2,N,...] views
