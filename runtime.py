@@ -9,6 +9,7 @@ device and precision choice, and progress lines.
 
 It holds no model, no data and no metric: those live in models.py, data.py and metrics.py.
 """
+import argparse
 import os
 import secrets
 import shutil
@@ -66,6 +67,16 @@ def atomic_dir(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, and the script's docstring as written (its examples)."""
+
+
+def script_parser(doc):
+    """The argument parser of a script: its docstring (usage examples first) as the description.
+    No abbreviated flags: under torchrun an abbreviation meets torchrun's own options first."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
 def pick_device(name="auto"):
     """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error.
     Under torchrun, CUDA is this process's own GPU (LOCAL_RANK), made the current one."""
@@ -73,7 +84,10 @@ def pick_device(name="auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
