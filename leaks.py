@@ -1,13 +1,17 @@
 """Are two splits sharing faces? Near-copies across train, val and test, found by a
 perceptual hash of every image and of its mirror.
 
-    from leaks import audit
-    report, near_train = audit(images, files)  # {split: uint8 [N,S,S]}, {split: [file names]}
+    import leaks
+    # images {split: uint8 [N,S,S]}, files {split: [file names]}
+    report, near = leaks.audit(images, files)
+    copied = leaks.copied_from_earlier(near)    # what --dedupe drops
+    left = leaks.remaining(near, kept_rows)     # the audit over the images kept
 
 Augmented data sets leak when the augmenting came before the splitting: a test face is
 then a flipped, brightened or re-encoded copy of a training face, and the test score
 measures memory as much as recognition. prepare_data.py runs this audit on every data set
-(about 10 s for the real 42k images) and `--dedupe` drops what it finds.
+(about 10 s for the real 42k images) and `--dedupe` drops what it finds: the val images
+with a near-copy in train, and the test images with one in train or in val.
 
 The hash (pHash, at 256 bits): the 16x16 lowest frequencies of the image's 2-D DCT, one
 bit each, set when the coefficient is above the image's median. Scaling the brightness
@@ -36,17 +40,20 @@ lower bound on the leak, not its size.
 """
 import numpy as np
 
-HASH_SIZE = 16  # 16x16 DCT frequencies -> 256 bits, four uint64 words per image
+# 16x16 DCT frequencies -> 256 bits, four uint64 words per image
+HASH_SIZE = 16
 # Hamming distance at or below which two images are near-copies: measured (the table above;
 # tests/test_leaks.py holds it to recall >= 95 % and no distinct pair).
 THRESHOLD = 12
-PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))  # (earlier, later)
+# (earlier, later): each later split is searched for copies of the earlier one
+PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 EXAMPLES = 20
 
 
 def dct_basis(count, size):
     """float32 [count, size]: the `count` lowest DCT-II cosines over `size` pixels."""
-    frequency, pixel = np.arange(count)[:, None], np.arange(size)[None, :]
+    frequency = np.arange(count)[:, None]
+    pixel = np.arange(size)[None, :]
     return np.cos(np.pi * (2 * pixel + 1) * frequency / (2 * size)).astype(np.float32)
 
 
@@ -71,7 +78,8 @@ def nearest(later, earlier, earlier_mirrored, block=64):
     candidates = np.concatenate([earlier, earlier_mirrored]).T.copy()
     distance = np.empty(len(later), dtype=np.int64)
     index = np.empty(len(later), dtype=np.int64)
-    for start in range(0, len(later), block):  # (block, 2M) at a time: 30 MB at the real size
+    # (block, 2M) distances at a time: 30 MB at the real size
+    for start in range(0, len(later), block):
         part = later[start:start + block]
         hamming = np.zeros((len(part), candidates.shape[1]), dtype=np.uint16)
         for word in range(len(candidates)):
@@ -93,27 +101,52 @@ def pick_examples(found, count=EXAMPLES):
 
 def audit(images, files, threshold=THRESHOLD):
     """images {split: uint8 [N,S,S]}, files {split: [name]} -> (report for meta.json,
-    {val, test: bool [N], True where the image has a near-copy in train})."""
+    {"train-val", "train-test", "val-test": bool [N] over the later split, True where the
+    image has a near-copy in the earlier split})."""
     hashes = {split: perceptual_hashes(images[split]) for split in images}
     mirrored = {split: perceptual_hashes(images[split][:, :, ::-1]) for split in ("train", "val")}
-    counts, found, near = {}, [], {}
+    counts = {}
+    found = []
+    near = {}
     for earlier, later in PAIRS:
+        pair = f"{earlier}-{later}"
         distance, index, flipped = nearest(hashes[later], hashes[earlier], mirrored[earlier])
-        near[earlier, later] = distance <= threshold
-        counts[f"{earlier}-{later}"] = int(near[earlier, later].sum())
+        near[pair] = distance <= threshold
+        counts[pair] = int(near[pair].sum())
         found += [{"files": [files[earlier][index[i]], files[later][i]],
                    "distance": int(distance[i]), "mirrored": bool(flipped[i])}
-                  for i in np.flatnonzero(near[earlier, later])]
-    test_leaked = near["train", "test"] | near["val", "test"]
+                  for i in np.flatnonzero(near[pair])]
     report = {"threshold": threshold, "bits": HASH_SIZE ** 2, "counts": counts,
-              "test_fraction": round(float(test_leaked.mean()) if len(test_leaked) else 0.0, 4),
+              "test_fraction": leak_fraction(copied_from_earlier(near)["test"]),
               "examples": pick_examples(found)}
-    return report, {"val": near["train", "val"], "test": near["train", "test"]}
+    return report, near
 
 
-def summary(report):
-    """One line on what the audit found and what it means for the test score."""
-    counts = report["counts"]
-    return (f"{report['test_fraction']:.1%} of test images have a near-copy in train or val "
+def leak_fraction(leaked):
+    """The share of test images (bool [N], True where leaked) with a near-copy, 4 decimals."""
+    return round(float(leaked.mean()) if len(leaked) else 0.0, 4)
+
+
+def copied_from_earlier(near):
+    """{val, test: bool [N]}: the images with a near-copy in an earlier split, which --dedupe
+    drops: val images with one in train, test images with one in train or in val."""
+    return {"val": near["train-val"], "test": near["train-test"] | near["val-test"]}
+
+
+def remaining(near, kept):
+    """The audit over the images kept ({split: row indices}): {counts, test_fraction}. A kept
+    image counts when it has a near-copy anywhere in the earlier split as read."""
+    counts = {pair: int(flags[kept[pair.split("-")[1]]].sum()) for pair, flags in near.items()}
+    leaked = copied_from_earlier(near)["test"][kept["test"]]
+    return {"counts": counts, "test_fraction": leak_fraction(leaked)}
+
+
+def summary(found):
+    """One line on near-copies (`found`: the audit's report or `remaining`'s) and what they
+    mean for the test score."""
+    counts = found["counts"]
+    if not any(counts.values()):
+        return "0 near-copies across splits"
+    return (f"{found['test_fraction']:.1%} of test images have a near-copy in train or val "
             f"(train-val {counts['train-val']}, train-test {counts['train-test']}, val-test "
             f"{counts['val-test']}): test scores are inflated")

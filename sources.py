@@ -1,11 +1,14 @@
 """Where the raw data comes from: the Kaggle downloads, local copies in every layout
-users have, and the synthetic generator. prepare_data.py turns what these find into
-the processed data set; this module only downloads, generates and reads.
+users have, and the synthetic generator; and the raw data read into train, val and test
+(every image decoded, val carved from train where a layout has none; the texts cleaned and
+split 70/15/15). prepare_data.py pairs, tokenizes and writes them; this module only
+downloads, generates and reads.
 
-Image trees: `split/class/*.png` (the balanced Kaggle set; class folder names in any
-case, with aliases) or plain RAF-DB's `DATASET/{train,test}/{1..7}`. Text files:
-`text,label` CSV with or without a leading index column, or dair-ai `text;label` lines;
-labels as ids 0..5 or as names, in UTF-8 or (spreadsheet exports) cp1252.
+Image trees: `split/class/*.png` (the balanced RAF-DB set and FER2013 on Kaggle; class
+folder names in any case, with aliases) or plain RAF-DB's `DATASET/{train,test}/{1..7}`.
+Text files: `text,label` CSV with or without a leading index column, or dair-ai
+`text;label` lines; labels as ids 0..5 or as names; each line UTF-8 or (spreadsheet
+exports) cp1252.
 Never data: anything under __MACOSX/ (macOS zips put a `._name` shadow of every file
 there) and dot-files (`._name`, `.DS_Store`, `.ipynb_checkpoints/`).
 """
@@ -16,11 +19,20 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
 import synthetic
-from data import SPLITS
+from data import CLASSES, SPLITS
+from images import read_image
 from runtime import DataError, atomic_dir
 
-KAGGLE_IMAGES = "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale"
+# The face data sets on Kaggle (prepare_data.py --faces): RAF-DB as the reference used it
+# (train/val/test of 75x75 PNGs), and FER2013 (train/test of 48x48 PNGs, no val). Both are
+# split/class/*.png trees with lower-case class folders.
+FACE_SETS = {"rafdb": "dollyprajapati182/balanced-raf-db-dataset-7575-grayscale",
+             "fer2013": "msambare/fer2013"}
 KAGGLE_TEXTS = "bhavikjikadara/emotions-dataset"
 CREDENTIALS_HELP = ("no Kaggle credentials: put kaggle.json in ~/.kaggle/kaggle.json, or set "
                     "KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN (Kaggle -> Settings -> API); "
@@ -146,29 +158,58 @@ def list_images(root):
 
 
 def decode_text(path):
-    """(text, encoding): UTF-8 (a BOM allowed), else cp1252, which spreadsheets save and which
-    also reads Latin-1 text. A file neither decodes is an error that names the bad byte."""
+    """(text, {"utf-8": lines, "cp1252": lines}): each line read as UTF-8 (a BOM allowed at the
+    start) when it decodes so, else as cp1252, which spreadsheets save and which also reads
+    Latin-1. Line by line: one pasted cp1252 line must not send the whole file through
+    cp1252, which turns every emoji and accent of the UTF-8 lines into mojibake ('cafÃ©').
+    A line that neither decodes is an error that names the bad byte."""
     raw = Path(path).read_bytes()
+    # keepends: the lines join back to the file's own bytes. Neither encoding has a byte
+    # 0x0a or 0x0d inside a character, so no character is cut in two.
+    lines = raw.splitlines(keepends=True)
+    counts = {"utf-8": 0, "cp1252": 0}
+    decoded = []
+    offset = 0
+    for number, line in enumerate(lines, 1):
+        try:
+            decoded.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+            counts["utf-8"] += 1
+        except UnicodeDecodeError as utf8_error:
+            decoded.append(decode_cp1252(path, line, number, offset, utf8_error))
+            counts["cp1252"] += 1
+        offset += len(line)
+    return "".join(decoded), counts
+
+
+def decode_cp1252(path, line, number, offset, utf8_error):
+    """One line that is not UTF-8, read as cp1252; an error naming the byte where it is neither."""
     try:
-        return raw.decode("utf-8-sig"), "utf-8"
+        return line.decode("cp1252")
     except UnicodeDecodeError as err:
-        utf8_error = err
-    try:
-        return raw.decode("cp1252"), "cp1252"
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is neither UTF-8 (byte 0x{raw[utf8_error.start]:02x} at offset "
-                        f"{utf8_error.start}) nor cp1252 (byte 0x{raw[err.start]:02x} at offset "
-                        f"{err.start}): save it as UTF-8") from None
+        utf8_at = offset + utf8_error.start
+        cp1252_at = offset + err.start
+        raise DataError(f"{path} line {number} is neither UTF-8 (byte 0x{line[utf8_error.start]:02x} "
+                        f"at offset {utf8_at}) nor cp1252 (byte 0x{line[err.start]:02x} at offset "
+                        f"{cp1252_at}): save it as UTF-8") from None
+
+
+def describe_encoding(counts):
+    """'utf-8', or how many lines of each encoding a mixed file held."""
+    if not counts["cp1252"]:
+        return "utf-8"
+    return ", ".join(f"{name} {n} line{'s' * (n != 1)}" for name, n in counts.items() if n)
 
 
 def read_texts(path):
-    """(texts, label names, encoding) from `text,label` CSV (with or without a leading index
+    """(texts, label names, lines per encoding) from `text,label` CSV (with or without a leading index
     column) or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
     content, encoding = decode_text(path)
-    with io.StringIO(content, newline="") as f:  # newline="": the csv module sees line ends as stored
+    # newline="": the csv module sees line ends as stored
+    with io.StringIO(content, newline="") as f:
         first = f.readline()
         f.seek(0)
-        if ";" in first and "," not in first.split(";")[-1]:  # dair-ai: text;label, no header
+        # dair-ai: text;label, no header
+        if ";" in first and "," not in first.split(";")[-1]:
             rows = [line.rstrip("\r\n").rsplit(";", 1) for line in f if line.strip()]
             rows = [(r[0], r[1]) for r in rows if len(r) == 2]
         else:
@@ -178,13 +219,89 @@ def read_texts(path):
                 raise DataError(f"{path} has columns {reader.fieldnames}: expected 'text' and "
                                 "'label' (or dair-ai 'text;label' lines)")
             rows = [(r[columns["text"]] or "", r[columns["label"]] or "") for r in reader]
-    texts, labels = [], []
+    texts = []
+    labels = []
     for text, label in rows:
         label = label.strip().lower()
         name = TEXT_LABELS[int(label)] if label.isdigit() and int(label) < len(TEXT_LABELS) else label
-        if text.strip() and name not in TEXT_TO_CLASS:  # an empty row is dropped, not judged
+        # an empty row is dropped, not judged
+        if text.strip() and name not in TEXT_TO_CLASS:
             mapping = ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(TEXT_LABELS))
             raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
         texts.append(text)
         labels.append(name)
     return texts, labels, encoding
+
+
+# ---- the raw data into splits ------------------------------------------------------
+def stratified_split(rows, labels, fraction, seed, what):
+    """(rest, part): `fraction` of `rows` in part, every class in proportion, seeded."""
+    try:
+        return train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:  # e.g. a label with a single example
+        raise DataError(f"cannot split the {what} stratified by class ({err}); "
+                        "provide more examples of each class") from None
+
+
+def take(split, rows):
+    """The images, labels and file names of one split at `rows`."""
+    return {"images": split["images"][rows], "labels": split["labels"][rows],
+            "files": [split["files"][i] for i in rows]}
+
+
+def read_images(listing, root, size, seed):
+    """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
+    train, stratified and seeded (plain RAF-DB and FER2013 have only train and test). Each
+    image keeps its file name (relative to `root`) for the leak audit."""
+    result = {}
+    skipped = []
+    for split, files in listing.items():
+        images = []
+        labels = []
+        names = []
+        for path, name in files:
+            try:
+                images.append(read_image(path, size))
+            except DataError:
+                skipped.append(str(path))
+                continue
+            labels.append(CLASSES.index(name))
+            names.append(path.relative_to(root).as_posix())
+        result[split] = {"images": torch.from_numpy(np.stack(images)) if images
+                         else torch.zeros(0, size, size, dtype=torch.uint8),
+                         "labels": torch.tensor(labels, dtype=torch.int64), "files": names}
+    if "val" not in result:
+        train = result["train"]
+        keep, val = stratified_split(np.arange(len(train["labels"])), train["labels"].numpy(),
+                                     0.15, seed, "train images into train and val")
+        result["val"] = take(train, np.sort(val))
+        result["train"] = take(train, np.sort(keep))
+    for split in SPLITS:
+        if len(result[split]["labels"]) == 0:
+            raise DataError(f"no readable images in the {split} split of the image folder")
+    result["skipped"] = skipped
+    return result
+
+
+def split_texts(path, seed):
+    """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is
+    in two splits), then split 70/15/15 stratified by label."""
+    texts, labels, encoding = read_texts(path)
+    seen = set()
+    clean = []
+    clean_labels = []
+    for text, label in zip(texts, labels):
+        text = " ".join(text.split())
+        if text and text not in seen:
+            seen.add(text)
+            clean.append(text)
+            clean_labels.append(label)
+    index = np.arange(len(clean))
+    train, rest = stratified_split(index, clean_labels, 0.3, seed, "texts 70/15/15")
+    val, test = stratified_split(rest, [clean_labels[i] for i in rest], 0.5, seed, "texts 70/15/15")
+    result = {split: {"texts": [clean[i] for i in sorted(rows)],
+                      "labels": [clean_labels[i] for i in sorted(rows)]}
+              for split, rows in zip(SPLITS, (train, val, test))}
+    result["dropped"] = len(texts) - len(clean)
+    result["encoding"] = encoding
+    return result

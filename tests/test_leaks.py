@@ -26,26 +26,53 @@ def test_planted_copies_are_found(faces, kind):
 def test_no_false_pairs_among_distinct_faces(faces):
     """The faces share one template, pose and lighting ranges: the hard case for a hash.
     600 x 600 pairs, each also mirrored: none may fall within the threshold."""
-    train, others = faces[:600], faces[600:]
+    train = faces[:600]
+    others = faces[600:]
     distance, _, _ = leaks.nearest(leaks.perceptual_hashes(others), leaks.perceptual_hashes(train),
                                    leaks.perceptual_hashes(train[:, :, ::-1]))
     assert distance.min() > leaks.THRESHOLD
 
 
-def test_audit_counts_each_later_split_against_the_earlier(faces):
-    train, fresh = faces[:5], faces[5:7]
+@pytest.fixture
+def three_splits(faces):
+    train = faces[:5]
+    fresh = faces[5:7]
+    # val: a mirrored train face, a new one; test: val's new face, a train face, a new one
     images = {"train": train,
-              "val": np.stack([train[2, :, ::-1], fresh[0]]),      # a mirrored train face, a new one
-              "test": np.stack([fresh[0], train[0], fresh[1]])}    # val's new face, a train face, new
+              "val": np.stack([train[2, :, ::-1], fresh[0]]),
+              "test": np.stack([fresh[0], train[0], fresh[1]])}
     files = {split: [f"{split}/{i}.png" for i in range(len(images[split]))] for split in images}
-    report, near_train = leaks.audit(images, files)
+    return images, files
+
+
+def test_audit_counts_each_later_split_against_the_earlier(three_splits):
+    report, near = leaks.audit(*three_splits)
     assert report["counts"] == {"train-val": 1, "train-test": 1, "val-test": 1}
-    assert near_train["val"].tolist() == [True, False] and near_train["test"].tolist() == [False, True, False]
+    assert near["train-val"].tolist() == [True, False]
+    assert near["train-test"].tolist() == [False, True, False]
+    assert near["val-test"].tolist() == [True, False, False]
     assert report["test_fraction"] == round(2 / 3, 4)
     pairs = {tuple(example["files"]): example["mirrored"] for example in report["examples"]}
     assert pairs == {("train/2.png", "val/0.png"): True, ("train/0.png", "test/1.png"): False,
                      ("val/1.png", "test/0.png"): False}
     assert all(example["distance"] == 0 for example in report["examples"])
+    assert leaks.summary(report).startswith("66.7% of test images have a near-copy")
+
+
+def test_dedupe_set_and_what_remains(three_splits):
+    """--dedupe drops val faces copied from train and test faces copied from train or val;
+    the audit over what is kept then finds nothing, and says so in one line."""
+    _, near = leaks.audit(*three_splits)
+    copied = leaks.copied_from_earlier(near)
+    assert copied["val"].tolist() == [True, False] and copied["test"].tolist() == [True, True, False]
+    kept = {split: np.flatnonzero(~copied[split]) for split in ("val", "test")}
+    kept["train"] = np.arange(5)
+    left = leaks.remaining(near, kept)
+    assert left == {"counts": {"train-val": 0, "train-test": 0, "val-test": 0}, "test_fraction": 0.0}
+    assert leaks.summary(left) == "0 near-copies across splits"
+    everything = leaks.remaining(near, {"train": np.arange(5), "val": np.arange(2),
+                                        "test": np.arange(3)})
+    assert everything["counts"] == {"train-val": 1, "train-test": 1, "val-test": 1}
 
 
 def test_examples_span_the_distances():

@@ -16,6 +16,7 @@ import data
 import runtime
 import prepare_data
 import sources
+import synthetic
 from data import load_meta, load_split, load_text_pool, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,17 +199,38 @@ def test_messy_csv_and_unreadable_files(tmp_path):
     assert sum(load_meta(tmp_path / "out-indexed.csv")["text_counts"].values()) == len(truth)
 
 
+def fer_tree(root, per_class=(6, 2), extra_class=None):
+    """FER2013 as Kaggle's msambare/fer2013 unzips: train/ and test/ at the top, lower-case
+    class folders of 48x48 gray PNGs; every face distinct noise. Returns {split: {pixels}}."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    folders = [*synthetic.CLASS_FOLDERS, *([extra_class] if extra_class else [])]
+    for split, count in zip(("train", "test"), per_class):
+        pixels[split] = set()
+        for folder in folders:
+            (root / split / folder).mkdir(parents=True)
+            for i in range(count):
+                face = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+                Image.fromarray(face).save(root / split / folder / f"PrivateTest_{i:08d}.png")
+                pixels[split].add(face.tobytes())
+    return pixels
+
+
 class FakeKaggle:
     """Stands in for kaggle.api: writes what the real package leaves after unzip=True."""
 
-    def __init__(self):
+    def __init__(self, extra_class=None):
         self.calls = []
+        self.extra_class = extra_class
+        self.pixels = None
 
     def dataset_download_files(self, slug, path, unzip, quiet):
         assert unzip
         self.calls.append(slug)
-        if slug == sources.KAGGLE_IMAGES:
+        if slug == sources.FACE_SETS["rafdb"]:
             balanced_tree(Path(path) / "balanced-raf-db", per_class=3)
+        elif slug == sources.FACE_SETS["fer2013"]:
+            self.pixels = fer_tree(Path(path), extra_class=self.extra_class)
         else:
             text_csv(Path(path) / "emotions.csv")
 
@@ -219,10 +241,66 @@ def test_kaggle_download_marker_and_layout(tmp_path, monkeypatch, capsys):
     assert prepare(tmp_path) == 0
     raw = tmp_path / "raw" / "balanced-raf-db-dataset-7575-grayscale"
     assert (raw / ".download-complete").exists() and (raw / "balanced-raf-db" / "train").is_dir()
-    assert load_meta(tmp_path / "processed")["sources"]["images"] == sources.KAGGLE_IMAGES
+    assert load_meta(tmp_path / "processed")["sources"] == {
+        "kind": "kaggle", "faces": "rafdb", "images": sources.FACE_SETS["rafdb"],
+        "texts": sources.KAGGLE_TEXTS}
     assert len(api.calls) == 2
     assert prepare(tmp_path) == 0
     assert len(api.calls) == 2 and "downloaded already" in capsys.readouterr().out
+
+
+def test_fer2013_download_keeps_its_faces_and_carves_val(tmp_path, monkeypatch):
+    """--faces fer2013 downloads msambare/fer2013 (train and test, no val): val is carved
+    from train, and at --image-size 48 every stored face is its PNG's pixels, unresized."""
+    api = FakeKaggle()
+    monkeypatch.setattr(sources, "kaggle_api", lambda: api)
+    assert prepare(tmp_path, "--faces", "fer2013", "--image-size", "48") == 0
+    assert api.calls == [sources.FACE_SETS["fer2013"], sources.KAGGLE_TEXTS]
+    assert (tmp_path / "raw" / "fer2013" / ".download-complete").exists()
+    out = tmp_path / "processed"
+    meta = load_meta(out)
+    assert meta["sources"] == {"kind": "kaggle", "faces": "fer2013", "images": "msambare/fer2013",
+                               "texts": sources.KAGGLE_TEXTS}
+    assert meta["image_size"] == 48 and meta["counts"]["test"] == {c: 2 for c in data.CLASSES}
+    carved = {split: sum(meta["counts"][split].values()) for split in ("train", "val")}
+    assert carved["train"] + carved["val"] == 42 and carved["val"] == 7  # 15 %, rounded up
+    stored = {split: [face.numpy().tobytes() for face in load_split(out, split)["images"]]
+              for split in data.SPLITS}
+    assert all(load_split(out, split)["images"].shape[1:] == (48, 48) for split in data.SPLITS)
+    assert sorted(stored["train"] + stored["val"]) == sorted(api.pixels["train"])
+    assert sorted(stored["test"]) == sorted(api.pixels["test"])
+
+
+def test_fer2013_unknown_class_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    api = FakeKaggle(extra_class="contempt")
+    monkeypatch.setattr(sources, "kaggle_api", lambda: api)
+    assert prepare(tmp_path, "--faces", "fer2013") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown class folder 'contempt'") and err.count("\n") == 1
+    assert "happy" in err and "surprise" in err  # it lists what is known
+    assert not (tmp_path / "processed").exists()
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--source", "synthetic", "--image-dir", "faces"], "--image-dir"),
+    (["--source", "synthetic", "--text-csv", "texts.csv"], "--text-csv"),
+    (["--source", "synthetic", "--faces", "fer2013"], "--faces"),
+    (["--synthetic-images", "10,5,5"], "--synthetic-images"),
+    (["--source", "kaggle", "--synthetic-texts", "100"], "--synthetic-texts"),
+    (["--text-csv", "texts.csv", "--synthetic-copies", "0.1"], "--synthetic-copies"),
+    (["--image-dir", "faces", "--faces", "rafdb"], "--faces"),
+    (["--source", "synthetic", "--synthetic-images", "10,5"], "--synthetic-images"),
+    (["--source", "synthetic", "--synthetic-copies", "1.5"], "--synthetic-copies"),
+    (["--source", "synthetic", "--image-size", "0"], "--image-size")])
+def test_flags_the_source_does_not_read_are_refused(tmp_path, monkeypatch, capsys, flags, named):
+    """A flag the chosen source would ignore (or a value out of range) is one line and exit 2,
+    before anything is downloaded, generated or written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "kaggle_api", lambda: pytest.fail("nothing may be downloaded"))
+    assert prepare_data.main(["--raw-dir", "raw", "--out", "processed", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_credentials(tmp_path, monkeypatch, capsys):
@@ -310,12 +388,34 @@ def test_texts_in_a_legacy_encoding_are_read_and_noted(tmp_path, capsys):
     sentences = (tmp_path / "texts.csv").read_text(encoding="utf-8")
     (tmp_path / "texts.csv").write_bytes(sentences.encode("cp1252"))  # as a spreadsheet saves it
     texts, _, encoding = sources.read_texts(tmp_path / "texts.csv")
-    assert encoding == "cp1252" and "caf\u00e9 na\u00efve it\u2019s \u20ac5" in texts
+    # the header and the ASCII lines read the same either way: they count as UTF-8
+    assert encoding == {"utf-8": len(truth) + 1, "cp1252": 1}
+    assert "caf\u00e9 na\u00efve it\u2019s \u20ac5" in texts
     assert len(texts) == len(truth) + 1
     assert prepare(tmp_path, "--image-dir", str(tmp_path / "images"), "--text-csv",
                    str(tmp_path / "texts.csv")) == 0
-    assert "texts (cp1252)" in capsys.readouterr().out
-    assert load_meta(tmp_path / "processed")["text_encoding"] == "cp1252"
+    assert f"texts (utf-8 {len(truth) + 1} lines, cp1252 1 line)" in capsys.readouterr().out
+    assert load_meta(tmp_path / "processed")["text_encoding"] == encoding
+
+
+def test_one_cp1252_line_leaves_the_utf8_lines_intact(tmp_path, capsys):
+    """A UTF-8 file with one pasted cp1252 line: only that line is read as cp1252, so the
+    emoji and accents of every other line come through as written, not as mojibake."""
+    balanced_tree(tmp_path / "images", per_class=3)
+    utf8_lines = ["so happy today \U0001f60a caf\u00e9", "\u00e7a va tr\u00e8s bien \u2764\ufe0f"]
+    truth = text_csv(tmp_path / "texts.csv", extra_rows=[[line, 1] for line in utf8_lines])
+    legacy = "na\u00efve it\u2019s \u20ac5"
+    with open(tmp_path / "texts.csv", "ab") as f:
+        f.write(f"{legacy},0\r\n".encode("cp1252"))
+    texts, _, encoding = sources.read_texts(tmp_path / "texts.csv")
+    assert encoding == {"utf-8": len(truth) + 3, "cp1252": 1}
+    assert set(utf8_lines) | {legacy} <= set(texts)
+    split = sources.split_texts(tmp_path / "texts.csv", seed=0)
+    assert set(utf8_lines) | {legacy} <= {t for s in data.SPLITS for t in split[s]["texts"]}
+    assert prepare(tmp_path, "--image-dir", str(tmp_path / "images"), "--text-csv",
+                   str(tmp_path / "texts.csv")) == 0
+    assert f"texts (utf-8 {len(truth) + 3} lines, cp1252 1 line)" in capsys.readouterr().out
+    assert load_meta(tmp_path / "processed")["text_encoding"] == encoding
 
 
 def test_text_file_in_no_known_encoding_is_one_line_naming_the_byte(tmp_path, capsys):
@@ -359,21 +459,18 @@ def planted_copies(raw):
 
 def test_planted_copies_are_found_and_dedupe_drops_them(tmp_path, capsys):
     """Half of each val and test class are copies of train faces, every kind once per class.
-    The audit finds the exact, mirrored, brightness and JPEG ones and pairs nothing else;
-    --dedupe drops exactly those; the steps it changes are redone, not reused, both ways."""
+    The audit finds each exact, mirrored, brightness and JPEG copy by name and pairs no
+    distinct face; --dedupe drops exactly what it found; the steps it changes are redone,
+    not reused, both ways."""
     args = ["--source", "synthetic", "--synthetic-images", "20,12,12", "--synthetic-texts", "900",
             "--synthetic-copies", "0.5"]
     assert prepare(tmp_path, *args) == 0
-    assert "warning: " in capsys.readouterr().out
+    out = capsys.readouterr().out
     leaks = load_meta(tmp_path / "processed")["leaks"]
+    assert f"warning: {leaks['test_fraction']:.1%} of test images" in out
+    assert leaks["remaining"] == {"counts": leaks["counts"], "test_fraction": leaks["test_fraction"]}
     planted = planted_copies(tmp_path / "raw")
     originals = {(row["original"], row["copy"]): row["kind"] for row in planted}
-    for split, count in (("val", "train-val"), ("test", "train-test")):
-        detectable = [r for r in planted if r["copy"].startswith(split)
-                      and r["kind"] in ("exact", "mirrored", "brightness", "jpeg")]
-        assert len(detectable) == 28  # 7 classes x 6 copies, 4 of the 6 kinds
-        copies = sum(r["copy"].startswith(split) for r in planted)
-        assert len(detectable) <= leaks["counts"][count] <= copies  # found all; nothing distinct
     for example in leaks["examples"]:
         if example["files"][0].startswith("train/"):
             assert tuple(example["files"]) in originals, example
@@ -381,11 +478,62 @@ def test_planted_copies_are_found_and_dedupe_drops_them(tmp_path, capsys):
     assert prepare(tmp_path, *args, "--dedupe") == 0
     out = capsys.readouterr().out
     assert out.count("done already") == 3  # images, texts, tokenizer: pairing and shards redone
-    deduped = load_meta(tmp_path / "processed")
-    dropped = {"val": leaks["counts"]["train-val"], "test": leaks["counts"]["train-test"]}
-    assert deduped["leaks"]["dropped"] == dropped
-    assert f"dropped {dropped['val']} val and {dropped['test']} test images" in out
+    deduped = load_meta(tmp_path / "processed")["leaks"]
+    dropped = deduped["dropped_files"]
     for split in ("val", "test"):
-        assert sum(deduped["counts"][split].values()) == 84 - dropped[split]
+        copies = {row["copy"]: row["kind"] for row in planted if row["copy"].startswith(split)}
+        assert len(copies) == 42  # 7 classes x 6 copies, each kind once
+        for name, kind in copies.items():  # each planted copy, by name
+            if kind in ("exact", "mirrored", "brightness", "jpeg"):
+                assert name in dropped[split], f"{kind} copy {name} not found"
+        for name in dropped[split]:  # and nothing distinct
+            assert name in copies, f"{name} is no planted copy"
+    assert deduped["dropped"] == {"val": leaks["counts"]["train-val"], "test": len(dropped["test"])}
+    assert len(dropped["test"]) >= leaks["counts"]["train-test"]
+    assert f"dropped {len(dropped['val'])} val and {len(dropped['test'])} test images" in out
+    assert "0 near-copies across splits" in out and "warning" not in out
+    assert deduped["remaining"] == {"counts": {"train-val": 0, "train-test": 0, "val-test": 0},
+                                    "test_fraction": 0.0}
+    counts = load_meta(tmp_path / "processed")["counts"]
+    for split in ("val", "test"):
+        assert sum(counts[split].values()) == 84 - len(dropped[split])
     assert prepare(tmp_path, *args) == 0  # and back: the full splits again
     assert sum(load_meta(tmp_path / "processed")["counts"]["test"].values()) == 84
+
+
+def distinct_faces(root, per_class=(4, 2, 2)):
+    """split/class/NN.png of synthetic faces that are all distinct (no near-copies)."""
+    for split_index, (split, count) in enumerate(zip(data.SPLITS, per_class)):
+        for class_index, folder in enumerate(synthetic.CLASS_FOLDERS):
+            (root / split / folder).mkdir(parents=True)
+            for i in range(count):
+                face = synthetic.face_image([12, split_index, class_index, i], class_index)
+                Image.fromarray(face).save(root / split / folder / f"{i:02d}.png")
+    return root
+
+
+def test_dedupe_drops_test_faces_copied_from_val(tmp_path, capsys):
+    """A clean audit is one line; a test face that copies a val face (and no train face) is
+    a leak, and --dedupe drops it too, then reports what is left, not what was found."""
+    images = distinct_faces(tmp_path / "images")
+    text_csv(tmp_path / "texts.csv")
+    args = ["--image-dir", str(images), "--text-csv", str(tmp_path / "texts.csv")]
+    assert prepare(tmp_path, *args, out="clean") == 0
+    out = capsys.readouterr().out
+    assert out.count("near-cop") == 1 and "      0 near-copies across splits\n" in out
+    assert load_meta(tmp_path / "clean")["leaks"]["counts"] == {"train-val": 0, "train-test": 0,
+                                                                "val-test": 0}
+    (images / "test" / "fear" / "copy.png").write_bytes((images / "val" / "fear" / "01.png").read_bytes())
+    assert prepare(tmp_path, *args) == 0
+    assert "warning: 6.7% of test images have a near-copy in train or val (train-val 0, " \
+           "train-test 0, val-test 1)" in capsys.readouterr().out
+    assert prepare(tmp_path, *args, "--dedupe") == 0
+    out = capsys.readouterr().out
+    assert "dropped 0 val and 1 test images" in out and "warning" not in out
+    assert "      0 near-copies across splits\n" in out
+    meta = load_meta(tmp_path / "processed")
+    leaks = meta["leaks"]
+    assert leaks["counts"]["val-test"] == 1 and leaks["dropped"] == {"val": 0, "test": 1}
+    assert leaks["dropped_files"] == {"val": [], "test": ["test/fear/copy.png"]}
+    assert leaks["remaining"]["counts"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+    assert meta["counts"]["test"] == {c: 2 for c in data.CLASSES}
