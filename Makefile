@@ -13,6 +13,8 @@ ifeq ($(origin PYTHON),undefined)
   endif
 endif
 SOURCE ?= kaggle
+# The face data set prepare_data.py downloads with SOURCE=kaggle: rafdb or fer2013.
+FACES ?= rafdb
 MODEL ?= b
 NPROC ?= 1
 ARGS ?=
@@ -42,8 +44,9 @@ install:
 	$(PYTHON) -m pip install --quiet --requirement requirements.txt
 endif
 
+# --faces only with the download: prepare_data.py refuses a flag its source does not read.
 data: $(SETUP)
-	$(PYTHON) prepare_data.py --source $(SOURCE)
+	$(PYTHON) prepare_data.py --source $(SOURCE) $(if $(filter kaggle,$(SOURCE)),--faces $(FACES))
 
 train: $(SETUP)
 	$(TRAIN) --model $(MODEL) $(ARGS)
