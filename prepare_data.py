@@ -168,6 +168,7 @@ def write_shards(out, split, images, input_ids, lengths, pairs):
 
 
 def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key):
+    """Step 6: the shards, the train text pool, tokenizer.json and, last, meta.json."""
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(tokenizer_json)
     classes = paired["classes"]
@@ -175,7 +176,8 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
     (out / "meta.json").unlink(missing_ok=True)
     for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9].pt"):
         old.unlink()
-    encoded = {split: encode_texts(tokenizer, texts[split]["texts"], args.max_len) for split in SPLITS}
+    encoded = {split: encode_texts(tokenizer, texts[split]["texts"], args.max_len)
+               for split in SPLITS}
     shards = {}
     counts = {}
     for split in SPLITS:
@@ -183,7 +185,8 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
         shards[split] = write_shards(out, split, images[split]["images"], *encoded[split], pairs)
         counts[split] = {c: int((pairs["labels"] == i).sum()) for i, c in enumerate(classes)}
         say(f"      {split}: {len(pairs['image_rows'])} pairs in {len(shards[split])} shard(s)")
-    input_ids, lengths = encoded["train"]  # the pool: every train text, paired or not
+    # the pool: every train text, paired or not
+    input_ids, lengths = encoded["train"]
     pool_labels = [classes.index(TEXT_TO_CLASS[n]) for n in texts["train"]["labels"]]
     with atomic_write(out / "texts-train.pt") as tmp:
         torch.save({"version": FORMAT_VERSION, "input_ids": input_ids, "lengths": lengths,
@@ -195,7 +198,8 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
             "vocab_size": tokenizer.get_vocab_size(), "seed": args.seed, "unpaired": args.unpaired,
             "sources": sources, "counts": counts,
             "text_counts": {s: len(texts[s]["texts"]) for s in SPLITS},
-            "texts_dropped": texts["dropped"], "truncated_texts": int((lengths >= args.max_len).sum()),
+            "texts_dropped": texts["dropped"],
+            "truncated_texts": int((lengths >= args.max_len).sum()),
             "skipped_files": images["skipped"], "text_encoding": texts["encoding"],
             "leaks": {**images["leaks"], "dedupe": args.dedupe,
                       "dropped": {split: len(files) for split, files in paired["dropped"].items()},
@@ -207,6 +211,7 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
 
 
 def library_versions():
+    """The versions meta.json records: those that decide the bytes written."""
     import PIL
     import sklearn
     import tokenizers
@@ -220,15 +225,17 @@ def parse_args(argv=None):
     """(args, the flags given on the command line)."""
     p = script_parser(__doc__)
     p.add_argument("--source", choices=["kaggle", "synthetic"], default="kaggle",
-                   help="kaggle: download the faces and sentences (or read --image-dir/--text-csv); "
-                        "synthetic: generate a seeded offline stand-in")
+                   help="kaggle: download the faces and sentences (or read --image-dir/"
+                        "--text-csv); synthetic: generate a seeded offline stand-in")
     p.add_argument("--faces", choices=list(FACE_SETS), default="rafdb",
                    help="the face data set to download: rafdb (the reference's, 75x75) or fer2013 "
                         "(msambare/fer2013, 48x48: add --image-size 48 to keep that size)")
     p.add_argument("--image-dir", metavar="DIR", help="a local image tree instead of the download")
     p.add_argument("--text-csv", metavar="FILE", help="a local text file instead of the download")
-    p.add_argument("--raw-dir", default="data/raw", metavar="DIR", help="where downloads and generated data go")
-    p.add_argument("--out", default="data/processed", metavar="DIR", help="the prepared data (train.py --data)")
+    p.add_argument("--raw-dir", default="data/raw", metavar="DIR",
+                   help="where downloads and generated data go")
+    p.add_argument("--out", default="data/processed", metavar="DIR",
+                   help="the prepared data (train.py --data)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="the val carve, the text split, the pairing and the synthetic data")
     p.add_argument("--image-size", type=int, default=75, metavar="PIXELS",
@@ -287,11 +294,13 @@ def check_flags(args, given):
                         f"(e.g. 300,50,50), got {args.synthetic_images!r}")
     args.synthetic_images = tuple(int(n) for n in counts)
     if not 0 <= args.synthetic_copies <= 1:
-        raise DataError(f"--synthetic-copies is a fraction between 0 and 1, got {args.synthetic_copies}")
+        raise DataError(f"--synthetic-copies is a fraction between 0 and 1, "
+                        f"got {args.synthetic_copies}")
 
 
 # ---- the six steps -----------------------------------------------------------------
 def report_images(images, image_root):
+    """The images per split, and the unreadable files skipped (the first ten named)."""
     sizes = ", ".join(f"{split} {len(images[split]['labels'])}" for split in SPLITS)
     say(f"      {sizes} images ({image_root}); {len(images['skipped'])} unreadable files skipped")
     for path in images["skipped"][:10]:
@@ -313,7 +322,13 @@ def report_leaks(paired, audit, dedupe):
         say(f"      {line}")
 
 
+def written_with(meta_path, key):
+    """Whether the data set's meta.json was written from exactly these inputs."""
+    return meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key
+
+
 def prepare(args):
+    """The six steps, each announced with its counts; 0 when the data set is written."""
     out = Path(args.out)
     work = out / ".steps"
     image_dir, text_csv, sources = locate(args)
@@ -321,7 +336,8 @@ def prepare(args):
     listing = list_images(image_root)
     # after the raw data are found good: a bad tree leaves nothing under --out
     work.mkdir(parents=True, exist_ok=True)
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for f in listing.values() for p, _ in f]
+    files = [(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+             for split in listing.values() for path, _ in split]
     # the audit's hash and threshold are part of the key: a changed audit redoes the step
     image_key = digest(str(image_root), files, args.image_size, args.seed,
                        leaks.HASH_SIZE, leaks.THRESHOLD, STEP_FORMAT)
@@ -344,8 +360,7 @@ def prepare(args):
     say(f"      {len(paired['classes'])} classes, unpaired policy {args.unpaired!r}")
     report_leaks(paired, images["leaks"], args.dedupe)
     key = digest(tokenizer_key, pair_key, args.max_len, sources)
-    meta_path = out / "meta.json"
-    if not args.force and meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+    if not args.force and written_with(out / "meta.json", key):
         say(f"[6/6] shards: done already, skipped: {out} is up to date")
         return 0
     say("[6/6] shards ...")

@@ -151,7 +151,8 @@ def list_images(root):
             continue
         listing[split] = []
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and is_data(p, root)):
-            name = class_of(class_dir.name)  # an unknown folder is an error even when empty
+            # an unknown folder is an error even when empty
+            name = class_of(class_dir.name)
             listing[split] += [(path, name) for path in sorted(class_dir.iterdir())
                                if path.is_file() and is_data(path, root)]
     return listing
@@ -188,9 +189,9 @@ def decode_cp1252(path, line, number, offset, utf8_error):
     except UnicodeDecodeError as err:
         utf8_at = offset + utf8_error.start
         cp1252_at = offset + err.start
-        raise DataError(f"{path} line {number} is neither UTF-8 (byte 0x{line[utf8_error.start]:02x} "
-                        f"at offset {utf8_at}) nor cp1252 (byte 0x{line[err.start]:02x} at offset "
-                        f"{cp1252_at}): save it as UTF-8") from None
+        raise DataError(f"{path} line {number} is neither UTF-8 (byte "
+                        f"0x{line[utf8_error.start]:02x} at offset {utf8_at}) nor cp1252 (byte "
+                        f"0x{line[err.start]:02x} at offset {cp1252_at}): save it as UTF-8") from None
 
 
 def describe_encoding(counts):
@@ -201,8 +202,8 @@ def describe_encoding(counts):
 
 
 def read_texts(path):
-    """(texts, label names, lines per encoding) from `text,label` CSV (with or without a leading index
-    column) or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
+    """(texts, label names, lines per encoding) from `text,label` CSV (with or without a
+    leading index column) or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
     content, encoding = decode_text(path)
     # newline="": the csv module sees line ends as stored
     with io.StringIO(content, newline="") as f:

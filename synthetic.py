@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 
 CLASS_FOLDERS = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 SPLITS = ("train", "val", "test")
-CANVAS = 150  # faces are drawn at twice the output size and halved: cheap anti-aliasing
+# faces are drawn at twice the output size and halved: cheap anti-aliasing
+CANVAS = 150
 
 # Expression at full intensity, as offsets from a neutral face (canvas pixels; y grows
 # downwards, so a negative brow offset raises the brow). Keys: inner/outer brow end
@@ -100,23 +101,28 @@ def face_image(seed, class_index):
     """One 75x75 uint8 face of the class; `seed` fixes every random choice."""
     rng = np.random.default_rng(seed)
     target = {**NEUTRAL, **EXPRESSIONS[CLASS_FOLDERS[class_index]]}
-    intensity = rng.uniform(0.35, 1.0)  # weak expressions make neighbouring classes overlap
+    # weak expressions make neighbouring classes overlap
+    intensity = rng.uniform(0.35, 1.0)
     p = {k: NEUTRAL[k] + intensity * (target[k] - NEUTRAL[k]) for k in NEUTRAL}
     for key, spread in (("brow_in", 2), ("brow_out", 2), ("smile", 2), ("mouth_open", 1.5)):
         p[key] += rng.normal(0, spread)  # individual faces differ even at rest
     p["eye"] *= rng.uniform(0.85, 1.15)
     p["mouth_width"] *= rng.uniform(0.9, 1.1)
 
-    background, skin = rng.uniform(20, 120), rng.uniform(140, 215)
+    background = rng.uniform(20, 120)
+    skin = rng.uniform(140, 215)
     image = Image.new("L", (CANVAS, CANVAS), int(background))
     draw = ImageDraw.Draw(image)
-    cx, cy = 75 + rng.normal(0, 3), 78 + rng.normal(0, 3)
-    rx, ry = rng.uniform(40, 50), rng.uniform(50, 60)
+    cx = 75 + rng.normal(0, 3)
+    cy = 78 + rng.normal(0, 3)
+    rx = rng.uniform(40, 50)
+    ry = rng.uniform(50, 60)
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(skin))
     dark = int(skin * rng.uniform(0.15, 0.35))
     if rng.random() < 0.6:  # hair
         draw.chord([cx - rx - 2, cy - ry - 6, cx + rx + 2, cy - ry * 0.1], 180, 360, fill=dark)
-    eye_dx, eye_y = rng.uniform(17, 22), cy - rng.uniform(8, 14)
+    eye_dx = rng.uniform(17, 22)
+    eye_y = cy - rng.uniform(8, 14)
     for side in (-1, 1):  # brows and eyes, mirrored
         ex = cx + side * eye_dx
         inner = (cx + side * 6, eye_y - 13 + p["brow_in"])
@@ -135,7 +141,8 @@ def face_image(seed, class_index):
 
     # Mouth: corners lift by `smile`, lips part by `mouth_open`, one side of the
     # upper lip rises by `lip_raise` (a sneer).
-    my, half = cy + rng.uniform(26, 32), 16 * p["mouth_width"]
+    my = cy + rng.uniform(26, 32)
+    half = 16 * p["mouth_width"]
     xs = np.linspace(-1, 1, 17)
     centre = my - p["smile"] * xs ** 2
     gap = max(0.0, p["mouth_open"]) / 2 * (1 - xs ** 2)
@@ -150,9 +157,11 @@ def face_image(seed, class_index):
 
     # Pose: one affine map (rotation, scale, shift), then halve the canvas. PIL wants
     # the inverse map, output pixel -> input pixel.
-    angle, scale = np.deg2rad(rng.normal(0, 7)), rng.uniform(0.85, 1.1)
+    angle = np.deg2rad(rng.normal(0, 7))
+    scale = rng.uniform(0.85, 1.1)
     shift_x, shift_y = rng.normal(0, 4, 2)
-    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    cos = np.cos(angle) / scale
+    sin = np.sin(angle) / scale
     centre = CANVAS / 2
     inverse = (cos, sin, centre - cos * (centre + shift_x) - sin * (centre + shift_y),
                -sin, cos, centre + sin * (centre + shift_x) - cos * (centre + shift_y))
@@ -182,7 +191,8 @@ def near_copy(face, kind, rng):
         encoded = io.BytesIO()
         Image.fromarray(face).save(encoded, format="JPEG", quality=int(rng.integers(70, 96)))
         return np.array(Image.open(encoded))
-    if kind == "shift":  # 1-3 px in x and/or y, the border repeated into the gap
+    # 1-3 px in x and/or y, the border repeated into the gap
+    if kind == "shift":
         dy, dx = rng.choice([d for d in np.ndindex(7, 7) if d != (3, 3)])
         size = face.shape[0]
         return np.pad(face, 3, mode="edge")[dy:dy + size, dx:dx + size].copy()
@@ -196,7 +206,8 @@ def near_copy(face, kind, rng):
 def _write_face(job):
     path, seed, class_index, copy = job
     face = face_image(seed, class_index)
-    if copy:  # (kind, seed of the copy's own random choices)
+    # copy: (kind, seed of the copy's own random choices)
+    if copy:
         face = near_copy(face, copy[0], np.random.default_rng(copy[1]))
     Image.fromarray(face).save(path, compress_level=1)
 
@@ -210,7 +221,8 @@ def write_texts(path, count, seed):
     template, about, event, opener, ending = (
         rng.integers(len(options), size=count) for options in slots)
     word = rng.integers(1 << 30, size=count)  # modulo the class's word count, below
-    noisy = rng.random(count) < LABEL_NOISE  # people mislabel tweets; so do annotators
+    # people mislabel tweets; so do annotators
+    noisy = rng.random(count) < LABEL_NOISE
     noisy_label = rng.integers(len(TEXT_LABELS), size=count)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -227,7 +239,8 @@ def write_texts(path, count, seed):
 def plan_faces(dest, seed, images_per_class, copies):
     """One job per face: (path, seed, class, copy). The first `copies` fraction of each val
     and test class folder are near-copies of train faces of the class, kinds in turn."""
-    jobs, planted = [], []
+    jobs = []
+    planted = []
     for split_index, (split, count) in enumerate(zip(SPLITS, images_per_class)):
         for class_index, folder in enumerate(CLASS_FOLDERS):
             os.makedirs(os.path.join(dest, "images", split, folder))
@@ -237,10 +250,13 @@ def plan_faces(dest, seed, images_per_class, copies):
                                    replace=planted_here > images_per_class[0])
             for i in range(count):
                 name = f"{split}/{folder}/{i:05d}.png"
-                copy, image_seed = None, [seed, split_index, class_index, i]
+                copy = None
+                image_seed = [seed, split_index, class_index, i]
                 if i < planted_here:
                     kind = COPY_KINDS[i % len(COPY_KINDS)]
-                    copy, image_seed = (kind, image_seed), [seed, 0, class_index, int(originals[i])]
+                    # the copy's own choices keep this face's seed; its pixels are the original's
+                    copy = (kind, image_seed)
+                    image_seed = [seed, 0, class_index, int(originals[i])]
                     planted.append((name, f"train/{folder}/{originals[i]:05d}.png", kind))
                 jobs.append((os.path.join(dest, "images", name), image_seed, class_index, copy))
     return jobs, planted
@@ -252,7 +268,8 @@ def generate(dest, seed=0, images_per_class=(300, 50, 50), texts=6000, copies=0.
     if planted:
         with open(os.path.join(dest, "planted.csv"), "w", newline="") as handle:
             csv.writer(handle).writerows([("copy", "original", "kind"), *planted])
-    if workers > 1 and len(jobs) > 2000:  # a pool pays for its start-up only on big trees
+    # a pool pays for its start-up only on big trees
+    if workers > 1 and len(jobs) > 2000:
         with Pool(workers) as pool:
             for _ in pool.imap_unordered(_write_face, jobs, chunksize=256):
                 pass

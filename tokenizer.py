@@ -25,7 +25,10 @@ def learn_word_pieces(word_counts, size):
     freq = [word_counts[word] for word in words]
     words = [[word[0]] + ["##" + char for char in word[1:]] for word in words]
     vocab = sorted({piece for word in words for piece in word})  # every character is kept
-    known, pairs, where = set(vocab), Counter(), defaultdict(set)
+    known = set(vocab)
+    # the count of each adjacent pair, and the words that hold it
+    pairs = Counter()
+    where = defaultdict(set)
     for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
             pairs[pair] += freq[i]
@@ -35,14 +38,17 @@ def learn_word_pieces(word_counts, size):
     while len(vocab) < size and heap:
         count, pair = heapq.heappop(heap)
         if -count != pairs.get(pair):
-            continue  # a stale heap entry: this pair's count changed since it was pushed
+            # a stale heap entry: this pair's count changed since it was pushed
+            continue
         merged = pair[0] + pair[1][2:]
         if merged not in known:
             known.add(merged)
             vocab.append(merged)
         changed = set()
         for i in where.pop(pair):  # only the words holding the pair change
-            old, new, j = words[i], [], 0
+            old = words[i]
+            new = []
+            j = 0
             while j < len(old):
                 if tuple(old[j:j + 2]) == pair:
                     new.append(merged)
@@ -72,13 +78,15 @@ def train_tokenizer(train_texts, vocab_size):
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     # Texts are whitespace-normalized already, so each distinct chunk is normalized and
     # split once, not once per occurrence (ten times faster on the real data).
-    chunks, word_counts = Counter(chunk for text in train_texts for chunk in text.split()), Counter()
+    chunks = Counter(chunk for text in train_texts for chunk in text.split())
+    word_counts = Counter()
     for chunk, n in chunks.items():
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(chunk)):
             word_counts[word] += n
     vocab = ["[PAD]", "[UNK]"] + learn_word_pieces(word_counts, vocab_size - 2)  # [PAD] = 0
     tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
     return {"json": tokenizer.to_str()}
 
@@ -89,7 +97,8 @@ def encode_texts(tokenizer, texts, max_len):
     input_ids = np.zeros((len(encodings), max_len), dtype=np.int32)
     lengths = np.zeros(len(encodings), dtype=np.int16)
     for row, encoding in enumerate(encodings):
-        ids = encoding.ids[:max_len]  # truncate: max_len keeps nearly every tweet whole
+        # truncate: max_len keeps nearly every tweet whole
+        ids = encoding.ids[:max_len]
         input_ids[row, : len(ids)] = ids
         lengths[row] = len(ids)
     return torch.from_numpy(input_ids), torch.from_numpy(lengths)

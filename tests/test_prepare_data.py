@@ -81,7 +81,8 @@ def test_pairs_respect_split_and_class(tmp_path, local_data):
     images, texts, truth = local_data
     assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(texts)) == 0
     out = tmp_path / "processed"
-    meta, tokenizer = load_meta(out), load_tokenizer(out)
+    meta = load_meta(out)
+    tokenizer = load_tokenizer(out)
     pool = load_text_pool(out)
     pool_texts = set(decoded(tokenizer, pool))
     by_split = {}
@@ -121,8 +122,9 @@ def test_tokenizer_sees_only_train_texts(tmp_path):
     train_texts = " ".join(decoded(load_tokenizer(out), load_text_pool(out)))
     unique_in_vocab = [w for w in load_tokenizer(out).get_vocab() if w.startswith("qz")
                        and w.endswith("word")]
-    assert len(unique_in_vocab) > 40  # the train texts' words made it in whole ...
-    assert all(w in train_texts for w in unique_in_vocab)  # ... and no val/test word did
+    # the train texts' words made it in whole, and no val/test word did
+    assert len(unique_in_vocab) > 40
+    assert all(w in train_texts for w in unique_in_vocab)
 
 
 def test_same_seed_same_bytes_second_run_skips_force_redoes(tmp_path, local_data, capsys):
@@ -151,15 +153,17 @@ def test_same_bytes_in_a_fresh_process(tmp_path):
                       for _ in range(6)), i % 6] for i in range(300)]
     with open(tmp_path / "texts.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text", "label"], *rows])
+    # side by side: the two imports of torch overlap
     runs = [subprocess.Popen([sys.executable, str(ROOT / "prepare_data.py"), "--image-dir",
                               str(tmp_path / "images"), "--text-csv", str(tmp_path / "texts.csv"),
                               "--raw-dir", str(tmp_path / f"raw-{out}"), "--out", str(tmp_path / out),
                               "--vocab-size", "120", "--max-len", "16"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for out in ("one", "two")]  # side by side: the two imports of torch overlap
+            for out in ("one", "two")]
     assert [run.wait(timeout=120) for run in runs] == [0, 0]
     outputs = sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_file())
-    assert len(outputs) == 6  # 3 shards, texts-train.pt, tokenizer.json, meta.json
+    # 3 shards, texts-train.pt, tokenizer.json, meta.json
+    assert len(outputs) == 6
     for name in outputs:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
@@ -188,7 +192,8 @@ def test_messy_csv_and_unreadable_files(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["", "text", "label"])
         writer.writerows([i, t, label] for i, (t, label) in enumerate(truth.items()))
-        writer.writerow([len(truth), "", ""])  # an empty row: dropped, its label not judged
+        # an empty row: dropped, its label not judged
+        writer.writerow([len(truth), "", ""])
     for name in ("texts.csv", "indexed.csv"):
         assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / name),
                        out=f"out-{name}") == 0
@@ -309,7 +314,8 @@ def test_missing_credentials(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / ".kaggle"))
     for name in [m for m in sys.modules if m.split(".")[0] == "kaggle"]:
-        monkeypatch.delitem(sys.modules, name)  # the package reads its config dir on import
+        # the package reads its config dir on import
+        monkeypatch.delitem(sys.modules, name)
     assert prepare(tmp_path) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -327,7 +333,8 @@ def test_bad_input_is_one_clear_line(tmp_path, problem, expected, capsys):
         (images / "train" / "contempt").mkdir()
     elif problem == "columns":
         (tmp_path / "texts.csv").write_text("sentence,emotion\nhello,1\n")
-    else:  # an unknown label, or a label with one sentence (which cannot be in 3 splits)
+    # an unknown label, or a label with one sentence (which cannot be in 3 splits)
+    else:
         with open(tmp_path / "texts.csv", "a") as f:
             f.write("a new sentence,9\n" if problem == "label" else "a lone love sentence,2\n")
     assert prepare(tmp_path, "--image-dir", str(images), "--text-csv", str(tmp_path / "texts.csv")) == 2
@@ -346,7 +353,8 @@ def test_killed_run_is_not_taken_for_finished(tmp_path, local_data, monkeypatch)
     real_atomic_write = prepare_data.atomic_write
 
     def dies_after_the_train_shard(path):
-        if path.name == "val-00000.pt":  # the train shard is written, val is next: killed here
+        # the train shard is written, val is next: killed here
+        if path.name == "val-00000.pt":
             raise KeyboardInterrupt
         return real_atomic_write(path)
     monkeypatch.setattr(prepare_data, "atomic_write", dies_after_the_train_shard)
@@ -468,7 +476,8 @@ def test_planted_copies_are_found_and_dedupe_drops_them(tmp_path, capsys):
     out = capsys.readouterr().out
     leaks = load_meta(tmp_path / "processed")["leaks"]
     assert f"warning: {leaks['test_fraction']:.1%} of test images" in out
-    assert leaks["remaining"] == {"counts": leaks["counts"], "test_fraction": leaks["test_fraction"]}
+    assert leaks["remaining"]["counts"] == leaks["counts"]
+    assert leaks["remaining"]["test_fraction"] == leaks["test_fraction"]
     planted = planted_copies(tmp_path / "raw")
     originals = {(row["original"], row["copy"]): row["kind"] for row in planted}
     for example in leaks["examples"]:
@@ -477,7 +486,8 @@ def test_planted_copies_are_found_and_dedupe_drops_them(tmp_path, capsys):
             assert example["mirrored"] == (originals[tuple(example["files"])] == "mirrored")
     assert prepare(tmp_path, *args, "--dedupe") == 0
     out = capsys.readouterr().out
-    assert out.count("done already") == 3  # images, texts, tokenizer: pairing and shards redone
+    # images, texts, tokenizer: pairing and shards redone
+    assert out.count("done already") == 3
     deduped = load_meta(tmp_path / "processed")["leaks"]
     dropped = deduped["dropped_files"]
     for split in ("val", "test"):
@@ -523,7 +533,8 @@ def test_dedupe_drops_test_faces_copied_from_val(tmp_path, capsys):
     assert out.count("near-cop") == 1 and "      0 near-copies across splits\n" in out
     assert load_meta(tmp_path / "clean")["leaks"]["counts"] == {"train-val": 0, "train-test": 0,
                                                                 "val-test": 0}
-    (images / "test" / "fear" / "copy.png").write_bytes((images / "val" / "fear" / "01.png").read_bytes())
+    copied = (images / "val" / "fear" / "01.png").read_bytes()
+    (images / "test" / "fear" / "copy.png").write_bytes(copied)
     assert prepare(tmp_path, *args) == 0
     assert "warning: 6.7% of test images have a near-copy in train or val (train-val 0, " \
            "train-test 0, val-test 1)" in capsys.readouterr().out
