@@ -169,6 +169,7 @@ def write_shards(out, split, images, input_ids, lengths, pairs):
 
 def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key):
     """Step 6: the shards, the train text pool, tokenizer.json and, last, meta.json."""
+    # imported here, as in tokenizer.py: only this step needs it (start-up time)
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(tokenizer_json)
     classes = paired["classes"]
@@ -212,6 +213,7 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
 
 def library_versions():
     """The versions meta.json records: those that decide the bytes written."""
+    # imported here for their versions alone (images.py imports Pillow when it reads)
     import PIL
     import sklearn
     import tokenizers
