@@ -6,15 +6,13 @@
     features = model.image_features(images)                    # cacheable with a frozen trunk
     logits = model(input_ids, lengths, image_features=features)  # the same logits
 
-Here, in order: the config, the image branch both models share (preprocessing on the
-device, random training views, the ResNet-18 trunk, frozen by default), the two text
-encoders, Model B's cross-attention over the trunk's region grid, and the two models.
-Model A reads the text with a GRU and concatenates; Model B reads it with a Transformer
-encoder whose tokens attend over the grid of ResNet region tokens (7x7 at input 224,
-ceil(input/32) a side: 4x4 at 112, 2x2 at 64; the reference attended to a single pooled
-vector, where softmax over one key is always 1). `ModelConfig(modality="image"|"text")`
-builds the same branch and head on one input alone: the single-modality baselines that
-fusion is measured against. Saving and loading live in checkpoints.py.
+Here, in order: the config, the image branch both models share (preprocessing on the device,
+random training views, the ResNet-18 trunk, frozen by default), the two text encoders, Model
+B's cross-attention, and the two models. Model A reads the text with a GRU and concatenates;
+Model B's Transformer tokens attend over the trunk's grid of region tokens (ceil(input/32) a
+side: 7x7 at 224; the reference attended to one pooled vector, where softmax over one key is
+always 1). `ModelConfig(modality="image"|"text")` builds one branch and the head: the
+single-modality baselines fusion is measured against. Saving and loading: checkpoints.py.
 """
 import hashlib
 import json
@@ -27,15 +25,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from runtime import one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODE = "bilinear"  # with align_corners=False; part of the feature fingerprint
+RESIZE_MODE = "bilinear"  # align_corners=False; fingerprinted
 IMAGE_DIM = 512  # channels of ResNet-18's last stage
-
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -44,24 +40,24 @@ class PretrainedWeightsError(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "b"            # "a" (GRU + concat) | "b" (Transformer + region cross-attention)
+    arch: str = "b"            # "a" GRU + concat, "b" Transformer
     num_classes: int = 7
     vocab_size: int = 5000     # the tokenizer's, pad id 0
-    max_len: int = 64          # longest token sequence (B's position embeddings)
-    input_size: int = 224      # trunk input resolution (uint8 SxS images are resized to this)
-    pretrained: bool = True    # ImageNet weights for the trunk (downloaded by torchvision)
-    finetune: bool = False     # False: trunk frozen (no grads, eval mode forever)
+    max_len: int = 64          # B's position embeddings
+    input_size: int = 224      # trunk input side; faces resize to it
+    pretrained: bool = True    # torchvision's ImageNet weights
+    finetune: bool = False     # False: trunk frozen, in eval mode
     embed_dim: int = 256       # A: token embedding width
     gru_hidden: int = 512      # A: GRU state, the text vector
-    d_model: int = 512         # B: width of text tokens, region tokens and the text vector
+    d_model: int = 512         # B: text tokens, regions, text vector
     n_layers: int = 3          # B: Transformer encoder layers
-    n_heads: int = 4           # B: heads in the encoder and in the cross-attention
-    d_ff: int = 2048           # B: feed-forward width in the encoder and the cross-attention block
-    text_dropout: float = 0.1  # B: inside the Transformer and the cross-attention block
-    dropout: float | None = None  # head dropout; None -> 0.5 for A, 0.2 for B (the reference)
-    cross_attention: bool = True  # B: False is the reference's ablation (plain concat)
-    modality: str = "both"     # "both" | "image" | "text": a single-modality baseline builds one branch
-    augment: bool = False      # random views of each face in training mode (images.random_views); never in eval
+    n_heads: int = 4           # B: encoder and cross-attention heads
+    d_ff: int = 2048           # B: both blocks' feed-forward width
+    text_dropout: float = 0.1  # B: in the encoder and cross-attention
+    dropout: float | None = None  # head; None: A 0.5, B 0.2
+    cross_attention: bool = True  # B: False: the reference's concat
+    modality: str = "both"     # or "image" | "text": one branch
+    augment: bool = False      # random_views in training mode
 
 
 # ---- the image branch ------------------------------------------------------------
@@ -70,8 +66,9 @@ def resnet18_trunk(pretrained: bool) -> nn.Sequential:
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     try:
         resnet = torchvision.models.resnet18(weights=weights if pretrained else None)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file fails its hash or zip check
-        # Never fall back to a random trunk: a model that silently cannot see faces is worse than a stop.
+    except (OSError, RuntimeError) as err:
+        # URLError is an OSError; a bad file fails its hash or zip check. Never fall back to a
+        # random trunk: a model that silently cannot see faces is worse than a stop.
         directory = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise PretrainedWeightsError(
             f"cannot get the ImageNet ResNet-18 weights ({one_line(err)}); "
@@ -87,18 +84,18 @@ def random_views(x: torch.Tensor, size: int) -> torch.Tensor:
     Each face gets its own random square crop of 80-100 % of its area at a random position, a
     rotation within +-10 degrees and a horizontal flip (p 0.5); then, with p 0.25, a random
     rectangle (2-33 % of the area, aspect 0.3-3.3, as torchvision's RandomErasing) is erased.
-    Crop, rotation, flip and the resize to the trunk's input are one affine map, so the face is
-    resampled once, bilinearly like the evaluation resize, which it equals at zero parameters.
-    It runs on the unnormalized single gray channel: a third of the work of the 3 normalized
-    channels, and its fill values are pixel values.
+    Crop, rotation, flip and resize are one affine map: one bilinear resample, equal to the
+    evaluation resize at zero parameters. On the raw gray channel: a third of the work, and
+    fill values that are pixel values.
     """
     batch = x.shape[0]
-    u = torch.rand(batch, 10, device=x.device)  # (B, 10): torch's global generator of the device
+    u = torch.rand(batch, 10, device=x.device)  # (B, 10): global generator
     side = (0.8 + 0.2 * u[:, 0]).sqrt()  # crop side / image side
     angle = (2 * u[:, 1] - 1) * math.radians(10)
     flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
-    shift = (2 * u[:, 3:5] - 1) * (1 - side).unsqueeze(1)  # (B, 2) crop centre; the crop stays inside
-    cos, sin = side * angle.cos(), side * angle.sin()
+    shift = (2 * u[:, 3:5] - 1) * (1 - side).unsqueeze(1)  # (B, 2) crop centre, inside
+    cos = side * angle.cos()
+    sin = side * angle.sin()
     # theta maps output to input coordinates in [-1, 1]: scale * rotation * flip, then the shift.
     theta = torch.stack([torch.stack([flip * cos, -sin, shift[:, 0]], 1),
                          torch.stack([flip * sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
@@ -109,9 +106,11 @@ def random_views(x: torch.Tensor, size: int) -> torch.Tensor:
 
     area = 0.02 + 0.31 * u[:, 5]
     aspect = (math.log(3.3) * (2 * u[:, 6] - 1)).exp()  # height / width, log-uniform
-    height, width = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-    top, left = u[:, 7] * (1 - height), u[:, 8] * (1 - width)  # fractions of the side
-    centres = (torch.arange(size, device=x.device) + 0.5) / size  # (size,) pixel centres in [0, 1]
+    height = (area * aspect).sqrt().clamp(max=1)
+    width = (area / aspect).sqrt().clamp(max=1)
+    top = u[:, 7] * (1 - height)  # a fraction of the side
+    left = u[:, 8] * (1 - width)
+    centres = (torch.arange(size, device=x.device) + 0.5) / size  # (size,) in [0, 1]
     rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # (B, size)
     columns = (centres >= left[:, None]) & (centres < (left + width)[:, None])  # (B, size)
     erased = rows[:, :, None] & columns[:, None, :] & (u[:, 9] < 0.25)[:, None, None]  # (B, size, size)
@@ -127,7 +126,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, regions: bool):
         super().__init__()
         self.input_size = cfg.input_size
-        self.regions = regions  # only models that attend to the grid need (and cache) it
+        self.regions = regions  # the grid, for a model attending to it
         self.frozen = not cfg.finetune
         self.augment = cfg.augment
         self.trunk = resnet18_trunk(cfg.pretrained)
@@ -153,15 +152,15 @@ class ImageEncoder(nn.Module):
             x = random_views(x, self.input_size)  # (B, 1, s, s)
         else:
             x = F.interpolate(x, size=(self.input_size,) * 2, mode=RESIZE_MODE, align_corners=False)
-        x = (x - self.mean) / self.std  # (B, 3, s, s): gray copied to 3 channels, each with its own statistics
+        x = (x - self.mean) / self.std  # (B, 3, s, s): gray, 3 normalizations
         if x.is_cuda:
             # cuDNN runs a convolution NHWC when its input or weight is (cudnn_conv_suggest_memory_format
             # in ATen/native/ConvUtils.h) and returns NHWC, which BatchNorm, ReLU and pooling keep:
             # one conversion here makes the whole trunk channels_last, faster on tensor cores.
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad() if self.frozen else nullcontext():
-            grid = self.trunk(x)  # (B, 512, h, w), h = w = ceil(s / 32): 7 at 224
-        features = {"pooled": grid.mean(dim=(2, 3))}  # (B, 512), the trunk's own avgpool
+            grid = self.trunk(x)  # (B, 512, h, w), h = w = ceil(s / 32)
+        features = {"pooled": grid.mean(dim=(2, 3))}  # (B, 512): the avgpool
         if self.regions:
             features["regions"] = grid.flatten(2).transpose(1, 2)  # (B, h*w, 512)
         return features
@@ -191,13 +190,16 @@ class GRUTextEncoder(nn.Module):
         self.gru = nn.GRU(cfg.embed_dim, cfg.gru_hidden, batch_first=True)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # input_ids (B, L), lengths (B,) on the same device
         x = self.embed(input_ids)  # (B, L, E)
-        # Packing makes the GRU stop at each real length (the reference took h[-1] of a padded
-        # batch, so padding changed its predictions). An empty text is packed as one pad token
-        # and its state zeroed below.
-        packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
-        _, state = self.gru(packed)  # (1, B, H), back in batch order
-        return state[0] * (lengths > 0).unsqueeze(1).to(state)  # (B, H); lengths may live on the CPU
+        outputs, _ = self.gru(x)  # (B, L, H)
+        # A one-direction GRU's output at step t reads tokens 0..t only, so its output at the last
+        # real token is the packed result and never reads the padding after it (the reference took
+        # h[-1] of a padded batch). Packing would need the lengths on the host: a sync every step.
+        last = (lengths.long() - 1).clamp(min=0)  # (B,)
+        index = last.view(-1, 1, 1).expand(-1, 1, outputs.shape[2])  # (B, 1, H)
+        state = outputs.gather(1, index).squeeze(1)  # (B, H)
+        return state.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # (B, H); empty: zeros
 
 
 class TransformerTextEncoder(nn.Module):
@@ -217,7 +219,7 @@ class TransformerTextEncoder(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens, the model was built for max_len {self.max_len}")
         x = self.token(input_ids) + self.position.weight[:length]  # (B, L, D)
-        return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore (B, L) True = not attended
+        return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
 
 
 class RegionCrossAttention(nn.Module):
@@ -228,8 +230,8 @@ class RegionCrossAttention(nn.Module):
         super().__init__()
         self.attention = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, dropout=cfg.text_dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Dropout(cfg.text_dropout),
-                                          nn.Linear(cfg.d_ff, cfg.d_model))
+        self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(),
+                                          nn.Dropout(cfg.text_dropout), nn.Linear(cfg.d_ff, cfg.d_model))
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.text_dropout)
 
@@ -238,7 +240,7 @@ class RegionCrossAttention(nn.Module):
         attended, weights = self.attention(text, regions, regions, need_weights=need_weights)  # (B, L, D)
         x = self.norm1(text + self.dropout(attended))  # (B, L, D)
         x = self.norm2(x + self.dropout(self.feed_forward(x)))  # (B, L, D)
-        return x, weights  # weights (B, L, R) averaged over heads, or None
+        return x, weights  # weights: (B, L, R) head mean, or None
 
 
 class EmotionModel(nn.Module):
@@ -249,7 +251,8 @@ class EmotionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, regions: bool):
         super().__init__()
         self.cfg = cfg
-        self.uses_image, self.uses_text = cfg.modality != "text", cfg.modality != "image"
+        self.uses_image = cfg.modality != "text"
+        self.uses_text = cfg.modality != "image"
         self.image_encoder = ImageEncoder(cfg, regions) if self.uses_image else None
 
     def head_width(self, text_dim: int) -> int:
@@ -275,24 +278,28 @@ class EmotionModel(nn.Module):
 
     def forward(self, input_ids, lengths, images=None, image_features=None, return_attention=False):
         """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features.
-        -> logits (B, C); with return_attention, (logits, attention) where attention is Model B's
-        cross-attention weights (B, L, R) over the R image regions, the mean over heads (each
-        real token's row sums to 1), or None for a model without cross-attention.
-        A text-only model ignores the image arguments, an image-only model the text: the same
-        batches serve every modality."""
-        features, vectors, attention = None, [], None
+        -> logits (B, C); with return_attention, (logits, attention): Model B's cross-attention
+        weights (B, L, R) over the R regions, the mean over heads (each real token's row sums to
+        1), or None. A text-only model ignores the images, an image-only model the text."""
+        features = None
+        vectors = []
+        attention = None
         if self.uses_image:
             if (images is None) == (image_features is None):
                 raise ValueError("pass exactly one of images= or image_features=")
             if images is not None:
                 features = self.image_features(images)
-            else:  # a cache may hold float16: compute in the parameters' dtype
+            else:
+                # a cache may hold float16: compute in the parameters' dtype
                 dtype = self.head[-1].weight.dtype
                 features = {name: value.to(dtype) for name, value in image_features.items()}
             vectors.append(features["pooled"])  # (B, 512)
         if self.uses_text:
-            if input_ids.shape[1] == 0:  # a batch of empty texts trimmed to its longest row
+            if input_ids.shape[1] == 0:  # empty texts, trimmed to width 0
                 input_ids = input_ids.new_zeros(input_ids.shape[0], 1)
+            # data.Batches puts lengths on the device; the demo's may be on the host
+            if lengths.device != input_ids.device:
+                lengths = lengths.to(input_ids.device)
             text, attention = self.text_vector(input_ids, lengths, features, need_weights=return_attention)
             vectors.append(text)  # (B, T)
         logits = self.head(torch.cat(vectors, dim=1))  # (B, C)
@@ -318,33 +325,34 @@ class ModelB(EmotionModel):
     """Transformer text tokens attend over the region grid; masked mean; + pooled image -> head."""
 
     def __init__(self, cfg: ModelConfig):
-        attends = cfg.cross_attention and cfg.modality == "both"  # one input alone has nothing to attend to
+        attends = cfg.cross_attention and cfg.modality == "both"  # one input: nothing to attend
         super().__init__(cfg, regions=attends)
         self.attends = attends
         if self.uses_text:
             self.text_encoder = TransformerTextEncoder(cfg)
         if attends:
-            grid = math.ceil(cfg.input_size / 32)  # each of the trunk's 5 stride-2 steps rounds up
+            grid = math.ceil(cfg.input_size / 32)  # 5 stride-2 steps round up
             self.region_projection = nn.Linear(IMAGE_DIM, cfg.d_model)
-            self.region_position = nn.Embedding(grid * grid, cfg.d_model)  # where on the face a region is
+            self.region_position = nn.Embedding(grid * grid, cfg.d_model)  # where on the face
             self.cross_attention = RegionCrossAttention(cfg)
         dropout = 0.2 if cfg.dropout is None else cfg.dropout
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.head_width(cfg.d_model), cfg.num_classes))
 
     def text_vector(self, input_ids, lengths, features, need_weights=False):
-        lengths = lengths.to(input_ids.device)  # callers keep lengths on the CPU for packing
-        real = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths.unsqueeze(1)  # (B, L)
+        # masks made on the device of input_ids and lengths: no copy
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+        real = positions < lengths.unsqueeze(1)  # (B, L)
         # An empty text would mask every key and softmax would give NaN: let it attend to its
         # first (pad) position; the masked mean below still excludes it.
-        attended = real.clone()
-        attended[:, 0] = True
+        attended = real | (positions == 0)  # (B, L)
         text = self.text_encoder(input_ids, ~attended)  # (B, L, D)
         attention = None
         if self.attends:
             regions = self.region_projection(features["regions"]) + self.region_position.weight  # (B, R, D)
             text, attention = self.cross_attention(text, regions, need_weights=need_weights)  # (B, L, D), (B, L, R)
         weights = real.unsqueeze(2).to(text.dtype)  # (B, L, 1)
-        return (text * weights).sum(1) / weights.sum(1).clamp(min=1), attention  # (B, D), zero for an empty text
+        vector = (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D); 0 if empty
+        return vector, attention
 
 
 def build_model(cfg: ModelConfig) -> EmotionModel:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer
+from torch.nn.utils.rnn import pack_padded_sequence
 from tokenizers.models import WordPiece
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -133,6 +134,38 @@ def test_padding_never_changes_logits_and_the_text_is_read(arch):
         reversed_ids = ids.clone()
         reversed_ids[0] = ids[0].flip(0)  # row 0 is full length
         assert (model(reversed_ids, lengths, image_features=features)[0] - logits[0]).abs().max() > 1e-4
+
+
+def packed_gru_state(encoder, ids, lengths):
+    """The reference Model A's GRU branch is checked against: the packed run (the GRU stops at
+    each real length), an empty text's state zeroed."""
+    x = encoder.embed(ids)
+    packed = pack_padded_sequence(x, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+    _, state = encoder.gru(packed)
+    return state[0] * (lengths > 0).unsqueeze(1)
+
+
+def test_gru_gathered_at_the_last_real_token_equals_the_packed_run():
+    # The padded run's output at lengths - 1 is the packed result, forward and backward, with
+    # any padding after it; an empty text stays a zero vector.
+    encoder = small_model("a").text_encoder.train()
+    ids, lengths, _ = batch(size=6, length=12)
+    lengths[4] = 0
+    ids[4] = 0
+    padded = torch.cat([ids, torch.zeros(6, 7, dtype=ids.dtype)], dim=1)
+    results = []
+    for run in (lambda: packed_gru_state(encoder, ids, lengths), lambda: encoder(ids, lengths),
+                lambda: encoder(padded, lengths)):
+        encoder.zero_grad()
+        state = run()
+        (state * torch.linspace(-1, 1, state.shape[1])).sum().backward()
+        results.append((state.detach(), [p.grad.clone() for p in encoder.parameters()]))
+    (reference, reference_grads), *gathered = results
+    assert torch.equal(reference[4], torch.zeros(64)) and reference.abs().sum() > 0
+    for state, grads in gathered:
+        torch.testing.assert_close(state, reference, rtol=0, atol=1e-6)
+        for grad, reference_grad in zip(grads, reference_grads):
+            torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["a", "b"])
@@ -297,9 +330,9 @@ def test_model_b_returns_its_attention_over_regions_for_every_real_token():
 
 @pytest.mark.parametrize("arch", ["a", "b"])
 def test_model_on_another_device_with_lengths_on_the_cpu(arch):
-    # Batches keeps `lengths` on the CPU (packing reads it there) while everything else moves
-    # to the GPU. With no GPU here, the "meta" device stands in: it raises the same
-    # "not on the expected device" error a CUDA run would.
+    # Batches serves `lengths` on the device, but the demo and other callers may pass them on
+    # the CPU: the model moves them. With no GPU here, the "meta" device stands in: it raises
+    # the same "not on the expected device" error a CUDA run would.
     model = build_model(ModelConfig(arch=arch, pretrained=False, vocab_size=100, input_size=64)).to("meta")
     input_ids = torch.randint(1, 100, (4, 7)).to("meta")
     lengths = torch.tensor([7, 3, 0, 5])
