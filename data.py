@@ -13,15 +13,20 @@ It holds no model (models.py) and no device or file helper (runtime.py).
 """
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from distributed import gather
 from runtime import DataError, atomic_write, autocast, fits_on_device, one_line, progress
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
-FORMAT_VERSION = 1  # bump when the shard layout changes; readers refuse other versions
+# bump when the shard layout changes; readers refuse other versions
+FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 # A missing face: mid-gray, no face and no contrast. The ablation, --modality-dropout and the
 # demo without --image all use this one blank image, so a missing face is one input the model knows.
@@ -82,22 +87,30 @@ class Batches:
     with cached trunk features, dicts of [V,N,...] tensors where V=2 holds the flipped
     image's features too. `generator.get_state()` after a pass is all a resume needs.
 
-    Under torchrun (rank, world_size) every rank draws the same shuffled batches and takes its
-    slice of each one (`batch_size` is the global batch); `global_size` in each batch says how
-    many samples the whole batch holds, so the loss can be the mean over all of them. Without
-    shuffle (evaluation) each rank serves a contiguous share of the split instead.
+    Under torchrun (rank, world_size) every rank draws the same shuffled batches and is dealt
+    its rows of each one (`batch_size` is the global batch): rank r takes rows r, r + W, r + 2W,
+    ... A batch is sorted by text length, so a dealt slice spans the batch's lengths, where a
+    contiguous one would hold only its short or only its long texts. `global_size` in each batch
+    says how many samples the whole batch holds, so the loss can be the mean over all of them.
+    Without shuffle (evaluation) each rank serves a contiguous share of the split instead.
 
     The image side (features or images) moves to the device once when it fits there
     (`on_device=None`: when it leaves a margin of free memory) and each batch is gathered on
     the device; otherwise each batch is gathered into one pinned buffer, reused every step,
-    and copied without blocking. Either way the step loop never waits for the host.
+    and copied without blocking. Text, lengths and labels move once an epoch. Either way the
+    step loop never waits for the host.
     """
 
     def __init__(self, split, batch_size, device, *, features=None, shuffle=False,
                  flip=False, text_pool=None, seed=0, rank=0, world_size=1, on_device=None):
-        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.shuffle, self.flip, self.text_pool = shuffle, flip, text_pool
-        self.rank, self.world_size = rank, world_size
+        self.split = split
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.shuffle = shuffle
+        self.flip = flip
+        self.text_pool = text_pool
+        self.rank = rank
+        self.world_size = world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.cached = features is not None
         if self.cached and flip and next(iter(features.values())).shape[0] < 2:
@@ -113,12 +126,14 @@ class Batches:
             self.buffers = {k: torch.empty((batch_size, *v.shape[1:]), dtype=v.dtype,
                                            pin_memory=self.device.type == "cuda")
                             for k, v in sources.items()}
-            self.copied = None  # CUDA event: the last copy out of the buffers has finished
+            # CUDA event: the last copy out of the buffers has finished
+            self.copied = None
 
     def __len__(self):
         if not self.shuffle:
             return len(self._share().split(self.batch_size))
-        n, batches = len(self.split["labels"]), -(-len(self.split["labels"]) // self.batch_size)
+        n = len(self.split["labels"])
+        batches = -(-n // self.batch_size)
         return batches - (0 < n % self.batch_size < self.world_size)
 
     def _share(self):
@@ -128,7 +143,8 @@ class Batches:
     def _redraw_texts(self):
         """A random pool text of each image's class; classes without texts (Disgust and
         Neutral under --unpaired random) get any text, so the text carries no signal."""
-        labels, pool = self.split["labels"], self.text_pool
+        labels = self.split["labels"]
+        pool = self.text_pool
         choice = torch.empty(len(labels), dtype=torch.long)
         for cls in labels.unique().tolist():
             rows = (labels == cls).nonzero().squeeze(1)
@@ -158,7 +174,8 @@ class Batches:
         if self.on_device:
             return {k: v.index_select(0, rows) for k, v in self.sources.items()}
         if self.copied is not None:
-            self.copied.synchronize()  # the previous batch has left the buffer (not: its step has run)
+            # the previous batch has left the buffer (not: its step has run)
+            self.copied.synchronize()
         batch = {}
         for k, v in self.sources.items():
             buffer = self.buffers[k][:len(rows)]
@@ -171,40 +188,46 @@ class Batches:
 
     def __iter__(self):
         n = len(self.split["labels"])
-        input_ids, lengths = self.split["input_ids"], self.split["lengths"]
+        input_ids = self.split["input_ids"]
+        lengths = self.split["lengths"]
         if self.text_pool is not None:
             input_ids, lengths = self._redraw_texts()
         flipped = (torch.rand(n, generator=self.generator) < 0.5 if self.flip
                    else torch.zeros(n, dtype=torch.bool))
         if self.shuffle:
-            # This rank's slice of each global batch; a last batch too small to give every rank
-            # a sample is dropped (under torchrun only: fewer than world_size samples an epoch).
+            # This rank's rows of each global batch, dealt (rows rank, rank + W, ...): one process
+            # takes every row in order. A last batch too small to give every rank a sample is
+            # dropped (under torchrun only: fewer than world_size samples an epoch).
             batches = self._bucketed(torch.randperm(n, generator=self.generator), lengths)
-            mine = [(idx.tensor_split(self.world_size)[self.rank], len(idx))
+            mine = [(idx[self.rank::self.world_size], len(idx))
                     for idx in batches if len(idx) >= self.world_size]
         else:
             mine = [(idx, len(idx)) for idx in self._share().split(self.batch_size)]
-        order = torch.cat([idx for idx, _ in mine])  # (n,) sample indices, batch after batch
+        # (n,) sample indices, batch after batch
+        order = torch.cat([idx for idx, _ in mine])
         rows = flipped[order].long() * n + order if self.cached else order
-        # The epoch's text, labels and indices move to the device once; each step slices them.
-        epoch = {"input_ids": input_ids, "labels": self.split["labels"], "order": order,
-                 "flipped": flipped[order], "rows": rows}
+        # The epoch's text, lengths, labels and indices move to the device once; each step
+        # slices them there, so the model finds lengths on its device and copies nothing.
+        epoch = {"input_ids": input_ids, "lengths": lengths.long(), "labels": self.split["labels"],
+                 "order": order, "flipped": flipped[order], "rows": rows}
         epoch = {k: v.to(self.device, non_blocking=True) for k, v in epoch.items()}
         start = 0
         for idx, global_size in mine:
             at = slice(start, start + len(idx))
             start += len(idx)
-            batch_lengths = lengths[idx].long()
-            width = max(int(batch_lengths.max()), 1)  # trim padding to the longest row (CPU: no sync)
+            # trim padding to the longest row, read from the host copy: no sync
+            width = max(int(lengths[idx].max()), 1)
             here = epoch["order"][at]
             batch = {"input_ids": epoch["input_ids"][here, :width].long(),
-                     "lengths": batch_lengths,  # stays on the CPU: packing reads it there
-                     "labels": epoch["labels"][here], "global_size": global_size}
+                     "lengths": epoch["lengths"][here],
+                     "labels": epoch["labels"][here],
+                     "global_size": global_size}
             image_side = self._gather(epoch["rows"][at] if self.on_device else rows[at])
             if self.cached:
                 batch["image_features"] = image_side
             else:
-                images = image_side["images"]  # (B, S, S) uint8, mirrored here on the device
+                # (B, S, S) uint8, mirrored here on the device
+                images = image_side["images"]
                 batch["images"] = torch.where(epoch["flipped"][at, None, None], images.flip(-1), images)
             yield batch
 
@@ -213,20 +236,122 @@ def _hash_tensor(digest, tensor):
     digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def _load_features(path, shape):
+def _load_features(path, shape, warn=True):
     """The cache file at `path`, memory-mapped (pages are read as batches touch them, and
-    processes share them); a file that does not load is deleted, said in one line: None."""
+    processes share them); a file that does not load is deleted, said in one line (when
+    `warn`): None."""
     try:
         features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         found = {key: tuple(value.shape[:2]) for key, value in features.items()}
         if set(found.values()) != {shape}:
             raise ValueError(f"shapes {found}, expected {shape} first")
         return features
-    except Exception as err:  # truncated zip, foreign pickle, wrong shapes: all mean "build again"
-        print(f"warning: feature cache {path} does not load ({one_line(err)}): deleted, building it again",
-              file=sys.stderr, flush=True)
+    except Exception as err:
+        # truncated zip, foreign pickle, wrong shapes: all mean "build again"
+        if warn:
+            print(f"warning: feature cache {path} does not load ({one_line(err)}): deleted, building it again",
+                  file=sys.stderr, flush=True)
         path.unlink(missing_ok=True)
         return None
+
+
+def _process_group():
+    """(rank, world size) of the initialized process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_ranks(failures, what):
+    """One DataError line, raised on every rank, when any rank's entry of `failures` (one per
+    rank, from distributed.gather) is not None."""
+    failed = [f"rank {rank}: {failure}" for rank, failure in enumerate(failures) if failure is not None]
+    if failed:
+        raise DataError(f"{what} failed on {'; '.join(failed)}. No cache was written: fix it and run again")
+
+
+def _compute_share(model, images, shape, device, amp, batch_size, show_progress):
+    """This rank's contiguous share of the batches (all of them on one process), computed
+    -> ({name: float16 (rows, ...)}, the first row's index in the (V * N) rows of the cache).
+    Rank 0's share starts at row 0 and goes straight into tensors of the whole cache. Every rank
+    takes as many turns as the largest share and the ranks compare notes after each, so a
+    failure on any rank stops every rank within one batch, not at a collective's timeout."""
+    rank, world_size = _process_group()
+    mixed_precision, _ = autocast(device, amp)
+    n = len(images)
+    # (view, first image) of each batch: the batches one process computes, so the same numbers
+    steps = [(view, i) for view in range(shape[0]) for i in range(0, n, batch_size)]
+    mine = steps[len(steps) * rank // world_size:len(steps) * (rank + 1) // world_size]
+    first = mine[0][0] * n + mine[0][1] if mine else 0
+    last = mine[-1][0] * n + min(mine[-1][1] + batch_size, n) if mine else 0
+    rows = shape[0] * n if rank == 0 else last - first
+    # NHWC convolutions run faster on tensor cores; same numbers
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    # Filled in place batch after batch: the peak is the result plus one batch (building
+    # lists of chunks and concatenating them held three copies of the result at once).
+    features = {}
+    failure = None
+    turns = -(-len(steps) // world_size)
+    for turn in progress(range(turns), "caching features", enabled=show_progress):
+        if failure is None and turn < len(mine):
+            view, i = mine[turn]
+            try:
+                batch = images[i:i + batch_size].to(device, non_blocking=True)
+                with torch.inference_mode(), mixed_precision:
+                    values = model.image_features(batch.flip(-1) if view else batch)
+                for name, value in values.items():
+                    # allocated at the first batch's shapes
+                    if name not in features:
+                        features[name] = torch.empty((rows, *value.shape[1:]), dtype=torch.float16)
+                    start = view * n + i - first
+                    # cast to float16, copied to the host
+                    features[name][start:start + len(batch)] = value
+            except Exception as err:
+                if world_size == 1:
+                    raise
+                failure = one_line(err)
+        _check_ranks(gather(failure), "building the feature cache")
+    return features, first
+
+
+def _write_cache(path, shape, share, first, rank):
+    """Rank 0 puts every rank's share into its own (the whole cache) and writes the one file;
+    the other ranks hand theirs over through a file beside it. A failure anywhere is raised on
+    every rank, in one line, before anything is written."""
+    folder = None
+    try:
+        failure = None
+        part = None
+        if rank > 0 and share:
+            try:
+                folder = Path(tempfile.mkdtemp(prefix=f".{path.stem}-rank{rank}-", dir=path.parent))
+                part = folder / "share.pt"
+                torch.save(share, part)
+            except Exception as err:
+                failure = one_line(err)
+        parts = gather((failure, part, first))
+        _check_ranks([failure for failure, _, _ in parts], "handing over the feature cache shares")
+        failure = None
+        if rank == 0:
+            try:
+                for _, part, start in parts[1:]:
+                    if part is not None:
+                        for name, value in torch.load(part, weights_only=True, mmap=True).items():
+                            share[name][start:start + len(value)] = value
+                # a killed or concurrent run never leaves a half-written cache
+                with atomic_write(path) as tmp:
+                    torch.save({name: value.unflatten(0, shape) for name, value in share.items()}, tmp)
+            except Exception as err:
+                if len(parts) == 1:
+                    raise
+                failure = one_line(err)
+        _check_ranks(gather(failure), "writing the feature cache")
+    finally:
+        # after rank 0 has read it, or when the build stopped
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batch_size=256,
@@ -238,33 +363,34 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     (CUDA runs fp32 convolutions in TF32) change the numbers, so all of these make the cache
     key and a stale cache cannot be read. Stored as float16 [V,N,...] (V = 2 with flips):
     half the memory of fp32, and its relative error (~5e-4) is far below what training notices.
+
+    Under torchrun (a process group initialized) every rank calls this and the ranks build the
+    cache together: each computes a contiguous share of the batches (the batches one process
+    would compute, so the file is the same, byte for byte), rank 0 writes the one file, and
+    every rank loads it. cache_dir must be one folder that every rank sees. A failure on any
+    rank ends every rank with one DataError line within a batch.
     Returns (features, path).
     """
     device = torch.device(device)
-    mixed_precision, dtype = autocast(device, amp)
+    _, dtype = autocast(device, amp)
     digest = hashlib.sha256()
     _hash_tensor(digest, images)
     digest.update(f"{model.feature_fingerprint()}|flips={flips}|{device.type}|{dtype}".encode())
     path = Path(cache_dir) / f"features-{digest.hexdigest()[:24]}.pt"
     shape = (2 if flips else 1, len(images))
-    if path.exists() and (features := _load_features(path, shape)) is not None:
+    rank, _ = _process_group()
+    features = _load_features(path, shape, warn=rank == 0) if path.exists() else None
+    # Every rank reads the file, or they all build it again, together.
+    found = gather((path.name, features is not None))
+    if len({name for name, _ in found}) > 1:
+        raise DataError(f"the ranks' feature cache keys differ ({', '.join(name for name, _ in found)}): "
+                        "every rank must hold the same trunk and images")
+    if all(loaded for _, loaded in found):
         return features, path
-    if device.type == "cuda":  # NHWC convolutions run faster on tensor cores; same numbers
-        model.to(memory_format=torch.channels_last)
-    model.eval()
-    # Filled in place batch after batch: the peak is the result plus one batch (building
-    # lists of chunks and concatenating them held three copies of the result at once).
-    features = {}  # name -> float16 (V, N, ...), allocated at the first batch's shapes
-    steps = [(v, i) for v in range(shape[0]) for i in range(0, len(images), batch_size)]
-    with torch.inference_mode(), mixed_precision:
-        for v, i in progress(steps, "caching features", enabled=show_progress):
-            batch = images[i:i + batch_size].to(device, non_blocking=True)
-            for name, value in model.image_features(batch.flip(-1) if v else batch).items():
-                if name not in features:
-                    features[name] = torch.empty((*shape, *value.shape[1:]), dtype=torch.float16)
-                features[name][v, i:i + len(batch)] = value  # cast to float16, copied to the host
+    features = None
+    share, first = _compute_share(model, images, shape, device, amp, batch_size, show_progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:  # a killed or concurrent run never leaves a half-written cache
-        torch.save(features, tmp)
-    del features  # read back memory-mapped, as a later run would
+    _write_cache(path, shape, share, first, rank)
+    # read back memory-mapped, as a later run would
+    del share
     return _load_features(path, shape), path

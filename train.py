@@ -166,19 +166,21 @@ def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=
 
 def make_batches(args, model, device):
     """Train and val batches (val split across ranks) and the seconds spent on the cache."""
-    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    flip = not (args.no_flip or model.cfg.augment)  # the random views of fine-tuning flip on their own
-    train_features, val_features, seconds = None, None, 0.0
+    train_split = load_split(args.data, "train")
+    val_split = load_split(args.data, "val")
+    # the random views of fine-tuning flip on their own
+    flip = not (args.no_flip or model.cfg.augment)
+    train_features = None
+    val_features = None
+    seconds = 0.0
     if uses_cache(args, model):
         t0 = time.time()
-        if not MASTER:
-            dist.barrier()  # rank 0 builds the cache; the others wait, then load it
+        # Under torchrun every rank computes its share of the images, rank 0 writes the one
+        # file and every rank loads it; a failure on any rank ends all of them in one line.
         train_features, path = cached_features(model, train_split["images"], args.cache_dir, device,
                                                flips=flip, amp=args.amp, show_progress=MASTER)
         val_features, _ = cached_features(model, val_split["images"], args.cache_dir, device,
                                           flips=False, amp=args.amp, show_progress=MASTER)
-        if MASTER and WORLD_SIZE > 1:
-            dist.barrier()
         seconds = time.time() - t0
         if MASTER:
             print(f"features: {path.parent} ({seconds:.1f} s)")
