@@ -1,18 +1,18 @@
 """Measure the speed that matters on this device, at the reference configuration.
 
-    python bench.py            # a table
-    python bench.py --json     # the table, then one JSON object with every figure
+    python bench.py                        # a table
+    python bench.py --json                 # the table, then one JSON object with every figure
+    python bench.py --samples 2048 --amp off
 
 (a) trunk feature extraction, images/s; (b) one Model B training epoch on cached
 features and one through the frozen trunk, same data, and their ratio cache_speedup,
 then evaluation throughput on the cache; on CUDA also the cached step split into
-gathering the batch and computing, and the minutes 100 epochs of 30k pairs would take; (c) demo: one prediction after the checkpoint
-is loaded, and the whole demo process.
+gathering the batch and computing, and the minutes 100 epochs of 30k pairs would take;
+(c) demo: one prediction after the checkpoint is loaded, and the whole demo process.
 Inputs are random tensors of the real shapes (75x75 faces, tweets of up to 32 tokens):
 speed does not depend on what the pixels show, and the bench needs no data set.
 The trunk is random (no download): the same FLOPs as the pretrained one.
 """
-import argparse
 import json
 import math
 import statistics
@@ -29,7 +29,7 @@ from data import Batches, cached_features
 from demo import predict
 from metrics import evaluate
 from models import ModelConfig, build_model
-from runtime import autocast, pick_device
+from runtime import DataError, autocast, pick_device, positive_int, script_parser
 from tokenizer import encode_texts
 from train import Run, make_optimizer, train_epoch
 
@@ -82,10 +82,12 @@ def bench(args):
     device = pick_device(args.device)
     mixed_precision, amp_dtype = autocast(device, args.amp)
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="b", vocab_size=5000, pretrained=False)  # 224 input, 3 layers, 4 heads
+    # the reference's Model B: input 224, 3 layers, 4 heads
+    cfg = ModelConfig(arch="b", vocab_size=5000, pretrained=False)
     model = build_model(cfg).to(device)
     split = fake_split(args.samples, 75, 32, cfg.vocab_size, cfg.num_classes, seed=0)
-    figures = {"device": str(device), "dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+    dtype = str(amp_dtype or torch.float32).replace("torch.", "")
+    figures = {"device": str(device), "dtype": dtype,
                "batch_size": args.batch_size, "samples": args.samples,
                "torch": torch.__version__, "threads": torch.get_num_threads()}
 
@@ -101,13 +103,15 @@ def bench(args):
         # (b) the same epoch (same data, flips, batch size) from the cache and from images
         cached = Batches(split, args.batch_size, device, features=features, shuffle=True, flip=True)
         uncached = Batches(split, args.batch_size, device, shuffle=True, flip=True)
-        time_epoch(model, Batches({k: v[:args.batch_size] for k, v in split.items()}, args.batch_size,
-                                  device), device, mixed_precision, amp_dtype)  # warm-up
+        # warm-up: one batch through the same step
+        first_batch = {k: v[:args.batch_size] for k, v in split.items()}
+        time_epoch(model, Batches(first_batch, args.batch_size, device), device, mixed_precision, amp_dtype)
         figures["epoch_cached_s"] = time_epoch(model, cached, device, mixed_precision, amp_dtype)
         figures["epoch_uncached_s"] = time_epoch(model, uncached, device, mixed_precision, amp_dtype)
         figures["cache_speedup"] = figures["epoch_uncached_s"] / figures["epoch_cached_s"]
         figures["train_samples_per_s_cached"] = args.samples / figures["epoch_cached_s"]
-        if device.type == "cuda":  # where a cached step's time goes, and what the real run costs
+        if device.type == "cuda":
+            # where a cached step's time goes, and what the real run costs
             gather_s = timed(device, lambda: sum(1 for _ in cached))  # the batches alone, no step
             figures["features_on_device"] = cached.on_device
             figures["step_ms"] = 1000 * figures["epoch_cached_s"] / len(cached)
@@ -116,7 +120,8 @@ def bench(args):
             # 100 epochs of 30k pairs at this batch size from the measured step (the cache build aside)
             steps_100_epochs = 100 * math.ceil(30000 / args.batch_size)
             figures["estimate_100_epochs_30k_min"] = steps_100_epochs * figures["step_ms"] / 60000
-        t0 = time.perf_counter()  # evaluation as evaluate.py runs it: cached, no flips, batch 256
+        # evaluation as evaluate.py runs it: cached, no flips, batch 256
+        t0 = time.perf_counter()
         evaluate(model, Batches(split, 256, device, features=features), mixed_precision)
         figures["eval_pairs_per_s_cached"] = args.samples / (time.perf_counter() - t0)
 
@@ -127,7 +132,8 @@ def bench(args):
                         classes=[f"class{i}" for i in range(cfg.num_classes)], image_size=75,
                         metrics={})
         loaded, tokenizer, _ = load_checkpoint(path, device)
-        image, text = split["images"][:1], ["word1 word2 word3 word4 word5 word6 word7"]
+        image = split["images"][:1]
+        text = ["word1 word2 word3 word4 word5 word6 word7"]
         latencies = []
         for _ in range(args.repeats + 3):
             t0 = time.perf_counter()
@@ -144,17 +150,29 @@ def bench(args):
     return figures
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=512, help="training pairs in the timed epochs")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=30, help="demo predictions to take the median of")
+def parse_args(argv=None):
+    p = script_parser(__doc__)
+    p.add_argument("--samples", type=positive_int, default=512, help="training pairs in the timed epochs")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="pairs per training step and per cache-building batch")
+    p.add_argument("--repeats", type=positive_int, default=30, help="demo predictions to take the median of")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="as train.py: auto is bf16 where the GPU has it natively, else fp16; off on CPU")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    figures = bench(args)
+                   help="mixed precision, as train.py: auto is bf16 where the GPU has it natively, fp16 "
+                        "on older GPUs, off on the CPU; bf16 or fp16 forces that type; off is fp32")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true",
+                   help="end with one JSON object of every figure (cache_speedup among them)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        figures = bench(args)
+    except DataError as err:
+        # a device torch does not know, or CUDA asked for where there is none
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for key, value in figures.items():
         print(f"{key:28s} {value:.3f}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:

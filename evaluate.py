@@ -5,11 +5,13 @@
 
 Deterministic: the pairs were fixed by prepare_data.py, nothing is augmented and the
 bootstrap is seeded, so the same checkpoint gives the same numbers every time. Prints a
-per-class table, 95 % intervals and the calibration error, writes the confusion matrix
-(CSV + PNG) next to the checkpoint and appends one row to the results CSV.
+per-class table, 95 % intervals and the calibration error (with the temperature stored in
+the checkpoint and without it), writes the confusion matrix (CSV + PNG) next to the
+checkpoint and appends one row to the results CSV. By default the forward pass runs at the
+precision the run was trained at (its --amp).
 """
-import argparse
 import csv
+import fcntl
 import io
 import math
 import sys
@@ -20,9 +22,10 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from checkpoints import CheckpointError, check_compatible, load_checkpoint
-from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_tokenizer
-from metrics import ECE_BINS, RESAMPLES, bootstrap, calibration_error, evaluate, summarize
-from runtime import DataError, atomic_write, autocast, pick_device
+from data import Batches, cached_features, load_meta, load_split, load_tokenizer
+from metrics import (ECE_BINS, RESAMPLES, ablations, bootstrap, calibration_error, evaluate, summarize,
+                     temper)
+from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
 
 REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro_Recall",
                      "Macro_F1", "Final_Train_Accuracy", "Final_Val_Accuracy",
@@ -31,7 +34,7 @@ REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro
                      "Optimizer", "Data_Augmentation"]
 EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
                  "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
-                 "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds"]
+                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds"]
 
 
 def score(model, split, features, batch_size, device, mixed_precision, tta=False):
@@ -39,11 +42,13 @@ def score(model, split, features, batch_size, device, mixed_precision, tta=False
     holds the mirrored images), or None to run the trunk. `tta` averages the probabilities of
     each image and of its mirror."""
     def one_view(variant):
-        if features is None:  # the trunk runs on the images, mirrored here for variant 1
+        if features is None:
+            # the trunk runs on the images, mirrored here for variant 1
             view = {**split, "images": split["images"].flip(-1)} if variant else split
             return evaluate(model, Batches(view, batch_size, device), mixed_precision)
         chosen = {k: v[variant:variant + 1] for k, v in features.items()}
         return evaluate(model, Batches(split, batch_size, device, features=chosen), mixed_precision)
+
     plain = one_view(0)
     if not tta:
         return plain
@@ -53,16 +58,31 @@ def score(model, split, features, batch_size, device, mixed_precision, tta=False
     return summarize(torch.logsumexp(both, dim=0) - math.log(2), torch.from_numpy(plain["labels"]))
 
 
+def calibrate(result, temperature):
+    """`result` (score()'s) with its probabilities softened or sharpened by the checkpoint's
+    temperature. Under --tta the temperature, fitted on single views, divides the averaged
+    log-probabilities: the predictions, and so every score but the ECE, stay as they were."""
+    return summarize(temper(result["log_probs"], temperature), torch.from_numpy(result["labels"]))
+
+
 def results_row(result, stats, classes, info, args, meta):
-    """One row of the results CSV: the reference's 17 columns, per-class scores, extras."""
-    labels, preds, ids = result["labels"], result["preds"], range(len(classes))
+    """One row of the results CSV: the reference's 17 columns, per-class scores, extras.
+    `stats`: the bootstrap intervals, both ECEs and the temperature."""
+    labels = result["labels"]
+    preds = result["preds"]
+    ids = range(len(classes))
     precision, recall, _, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="macro", zero_division=0)
     _, _, weighted_f1, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="weighted", zero_division=0)
     per_class = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    cfg, train_args, metrics = info["config"], info["args"] or {}, info["metrics"]
-    checkpoint, is_b = Path(args.checkpoint), cfg["arch"] == "b"
+    cfg = info["config"]
+    train_args = info["args"] or {}
+    metrics = info["metrics"]
+    checkpoint = Path(args.checkpoint)
+    is_b = cfg["arch"] == "b"
+    augmented = cfg.get("augment", False) or not (train_args.get("no_flip", True)
+                                                  and train_args.get("no_redraw", True))
     row = {"Experiment_ID": f"{checkpoint.parent.name}/{checkpoint.stem}",
            "Test_Accuracy": result["accuracy"], "Macro_Precision": precision,
            "Macro_Recall": recall, "Macro_F1": result["macro_f1"],
@@ -74,8 +94,7 @@ def results_row(result, stats, classes, info, args, meta):
            "Batch_Size": train_args.get("batch_size", ""),
            "Transformer_Layers": cfg["n_layers"] if is_b else "",
            "Transformer_Heads": cfg["n_heads"] if is_b else "", "Optimizer": "AdamW",
-           "Data_Augmentation": cfg.get("augment", False) or not (train_args.get("no_flip", True)
-                                                                  and train_args.get("no_redraw", True))}
+           "Data_Augmentation": augmented}
     for name, p, r, f in zip(classes, *per_class[:3]):
         row.update({f"{name}_F1": f, f"{name}_Precision": p, f"{name}_Recall": r})
     row.update({"Model": cfg["arch"].upper(), "Modality": cfg.get("modality", "both"),
@@ -83,30 +102,59 @@ def results_row(result, stats, classes, info, args, meta):
                 "Split": args.split, "TTA": args.tta,
                 "Accuracy_CI_Low": stats["accuracy"][0], "Accuracy_CI_High": stats["accuracy"][1],
                 "Macro_F1_CI_Low": stats["macro_f1"][0], "Macro_F1_CI_High": stats["macro_f1"][1],
-                "ECE": stats["ece"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
+                "ECE": stats["ece"], "ECE_Uncalibrated": stats["ece_uncalibrated"],
+                "Temperature": stats["temperature"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
                 "Pretrained": cfg["pretrained"], "Finetuned": cfg["finetune"],
                 "Train_Seconds": metrics.get("train_seconds", "")})
     columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes
                                    for kind in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
+    # plain numbers: 0.8319, not "83.19%"
     return {k: round(float(row[k]), 6) if isinstance(row[k], (float, np.floating)) else row[k]
-            for k in columns}  # plain numbers: 0.8319, not "83.19%"
+            for k in columns}
 
 
 def append_row(path, row):
-    """Append to the results CSV atomically; refuse a file with other columns."""
+    """Append `row` to the results CSV, replacing the file atomically. A file written before a
+    column existed gains it (empty in its older rows); one with columns this project never
+    writes is refused. Evaluations that finish together (a sweep, two shells) take turns:
+    the read, change and replace hold an exclusive lock, without which the later replace
+    would drop the earlier row without a word."""
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A lock file of its own: the CSV is a new file after every replace, so a lock on it
+        # would be a lock on a file the next evaluation no longer opens.
+        with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with atomic_write(path) as tmp:
+                tmp.write_text(appended(path, row))
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err.strerror or err}; pass --results NEW.csv") from None
+
+
+def appended(path, row):
+    """The text of the results CSV at `path` with `row` added."""
     old = path.read_text() if path.exists() else ""
-    if old and old.splitlines()[0] != ",".join(row):
+    columns = list(row)
+    old_columns = next(csv.reader(io.StringIO(old)), [])
+    if not set(old_columns) <= set(columns):
         raise DataError(f"{path} has other columns than this project writes: "
-                         "pass --results NEW.csv")
+                        "pass --results NEW.csv")
     out = io.StringIO()
-    writer = csv.DictWriter(out, list(row), lineterminator="\n")
-    if not old:
+    writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
+    if old_columns == columns:
+        out.write(old)
+    else:
+        # a new file, or one from before some column existed: written again under this header
         writer.writeheader()
+        writer.writerows(csv.DictReader(io.StringIO(old)))
     writer.writerow(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        tmp.write_text(old + out.getvalue())
+    return out.getvalue()
+
+
+def number(row, column, spec):
+    """A results cell formatted, or '-' where an older row has none."""
+    return format(float(row[column]), spec) if row.get(column) else "-"
 
 
 def print_results(path):
@@ -114,14 +162,16 @@ def print_results(path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':3s} "
-          f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'train s':>8s}")
+          f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'uncal.':>6s} {'T':>5s} "
+          f"{'train s':>8s}")
     for row in rows:
-        seconds = f"{float(row['Train_Seconds']):.0f}" if row["Train_Seconds"] else "-"
         accuracy = (f"{float(row['Test_Accuracy']):.4f} [{float(row['Accuracy_CI_Low']):.4f}, "
                     f"{float(row['Accuracy_CI_High']):.4f}]")
-        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} "
-              f"{'yes' if row['TTA'] == 'True' else 'no':3s} {accuracy:>24s} "
-              f"{float(row['Macro_F1']):8.4f} {float(row['ECE']):6.4f} {seconds:>8s}")
+        tta = "yes" if row["TTA"] == "True" else "no"
+        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} {tta:3s} "
+              f"{accuracy:>24s} {float(row['Macro_F1']):8.4f} {number(row, 'ECE', '6.4f'):>6s} "
+              f"{number(row, 'ECE_Uncalibrated', '6.4f'):>6s} {number(row, 'Temperature', '5.2f'):>5s} "
+              f"{number(row, 'Train_Seconds', '.0f'):>8s}")
 
 
 def save_confusion(matrix, classes, stem):
@@ -137,7 +187,8 @@ def save_confusion(matrix, classes, stem):
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
     for i, j in np.ndindex(matrix.shape):
         ax.text(j, i, matrix[i, j], ha="center", va="center",
                 color="white" if matrix[i, j] > matrix.max() / 2 else "black")
@@ -145,33 +196,6 @@ def save_confusion(matrix, classes, stem):
     with atomic_write(f"{stem}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def ablations(model, split, features, scored, seed=0):
-    """Scores with one input taken away, for the inputs `model` reads. The empty text and
-    the blank image are inputs a fused model never saw in training, so their rows also measure
-    its reaction to something new; the shuffled rows (real sentences, or real faces, each beside
-    another pair's, seeded) keep the inputs' kind and remove only their pairing.
-    `scored(split, features)` is score() with everything else fixed."""
-    rows = {}
-    order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
-    if model.uses_text:
-        empty = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
-                 "lengths": torch.zeros_like(split["lengths"])}
-        shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
-        rows["no text"], rows["shuffled text"] = scored(empty, features), scored(shuffled, features)
-    if model.uses_image:
-        blank = torch.full_like(split["images"][:1], BLANK_PIXEL)
-        model.eval()
-        with torch.inference_mode():  # one blank image's features, shared by every pair and its
-            blank_features = {     # mirror (a blank image is its own mirror): [2,N,...] views
-                k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:])  # as the cache
-                for k, v in model.image_features(blank.to(next(model.parameters()).device)).items()}
-        rows["no image"] = scored(split, blank_features)
-        faces = {**split, "images": split["images"][order]}  # the labels stay with the texts
-        face_features = None if features is None else {k: v[:, order] for k, v in features.items()}
-        rows["shuffled image"] = scored(faces, face_features)
-    return rows
 
 
 def print_ablations(rows, classes, text_classes):
@@ -189,21 +213,36 @@ def print_ablations(rows, classes, text_classes):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default="data/processed")
-    p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--results", default="test_results.csv")
+    p = script_parser(__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="a train.py checkpoint, e.g. checkpoints/model_b/best.pt")
+    p.add_argument("--data", default="data/processed",
+                   help="the prepared data (prepare_data.py --out) the model was trained on")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="the pairs to score")
+    p.add_argument("--results", default="test_results.csv",
+                   help="the results CSV: one row is appended per evaluation")
     p.add_argument("--ablate", action="store_true",
                    help="also score with the text emptied or shuffled, and the image blanked or shuffled")
     p.add_argument("--tta", action="store_true",
                    help="average the probabilities of each image and its mirror")
-    p.add_argument("--cache-dir", default="data/cache")
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default="data/cache",
+                   help="where the frozen trunk's features are kept (shared with train.py)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the frozen trunk on every image instead of reading the feature cache")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="pairs per forward pass")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
+                   help="mixed precision: auto is bf16 where the GPU has it natively, fp16 on older "
+                        "GPUs, off on the CPU; None: the run's own train.py --amp (auto if it has none)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return p.parse_args(argv)
+
+
+def run_amp(flag, info):
+    """The --amp to evaluate with: the flag when given, else the one the run trained with, so
+    a run trained in fp32 is not tested on bf16 features (older checkpoints: auto)."""
+    if flag is not None:
+        return flag
+    return (info["args"] or {}).get("amp", "auto")
 
 
 def run(args):
@@ -212,33 +251,42 @@ def run(args):
     meta = load_meta(args.data)
     check_compatible(info, load_tokenizer(args.data), meta)
     split = load_split(args.data, args.split)
-    mixed_precision, _ = autocast(device, args.amp)
-    features = None  # a text-only model has no trunk; it ignores the images it is served
+    amp = run_amp(args.amp, info)
+    mixed_precision, amp_dtype = autocast(device, amp)
+    # a text-only model has no trunk; it ignores the images it is served
+    features = None
     if model.cacheable and not args.no_cache:
         # --tta reads the mirrors from the cache too (variant 1)
         features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=args.tta,
-                                      amp=args.amp)
+                                      amp=amp)
 
     def scored(pairs, pair_features):
         return score(model, pairs, pair_features, args.batch_size, device, mixed_precision, args.tta)
 
-    result = scored(split, features)
+    uncalibrated = scored(split, features)
+    temperature = float(info["temperature"])
+    result = calibrate(uncalibrated, temperature)
     classes = info["classes"]
     stats = {**bootstrap(result["labels"], result["preds"], len(classes)),
-             "ece": calibration_error(result["log_probs"], result["labels"])}
-    print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs"
-          f"{', each image averaged with its mirror' if args.tta else ''})")
+             "ece": calibration_error(result["log_probs"], result["labels"]),
+             "ece_uncalibrated": calibration_error(uncalibrated["log_probs"], uncalibrated["labels"]),
+             "temperature": temperature}
+    mirrored = ", each image averaged with its mirror" if args.tta else ""
+    precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
+    print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs{mirrored}) | amp {precision}")
     print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),
                                 target_names=classes, digits=4, zero_division=0))
     row = results_row(result, stats, classes, info, args, meta)
-    append_row(args.results, row)  # first: it refuses a foreign results file before any write
+    # first: it refuses a foreign results file before any write
+    append_row(args.results, row)
     stem = Path(args.checkpoint).with_suffix("")
     matrix = confusion_matrix(result["labels"], result["preds"], labels=range(len(classes)))
     save_confusion(matrix, classes, f"{stem}_{args.split}_confusion")
     print(f"accuracy {row['Test_Accuracy']:.4f} [{row['Accuracy_CI_Low']:.4f}, "
           f"{row['Accuracy_CI_High']:.4f}] | macro-F1 {row['Macro_F1']:.4f} "
           f"[{row['Macro_F1_CI_Low']:.4f}, {row['Macro_F1_CI_High']:.4f}] (95 % bootstrap "
-          f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} ({ECE_BINS} bins)")
+          f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} at temperature "
+          f"{temperature:.3f}, {row['ECE_Uncalibrated']:.4f} uncalibrated ({ECE_BINS} bins)")
     print(f"confusion matrix: {stem}_{args.split}_confusion.png")
     print_results(args.results)
     if args.ablate:

@@ -1,28 +1,36 @@
 """Metrics: the one evaluation pass, scores, bootstrap intervals, calibration, curves.
 
-    from metrics import evaluate, scores, bootstrap, calibration_error
+    from metrics import evaluate, scores, bootstrap, calibration_error, fit_temperature, temper
     result = evaluate(model, batches)              # loss, accuracy, macro-F1, recall, predictions
     low, high = bootstrap(result["labels"], result["preds"], 7)["accuracy"]
+    temperature = fit_temperature(val["log_probs"], val["labels"])   # on val, after training
+    calibrated = temper(result["log_probs"], temperature)
 
 train.py validates and evaluate.py tests with the same evaluate() (nanoGPT's estimate_loss),
 so the two can never disagree on what a score means. Torch and numpy only: scikit-learn's
 report and the results CSV are evaluate.py's; the batches are data.py's.
 """
+import math
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import atomic_write
+from data import BLANK_PIXEL
+from runtime import DataError, atomic_write
 
 RESAMPLES = 1000
 ECE_BINS = 15
+# The search range of fit_temperature: far past any temperature a trained model needs
+# (Guo et al. report 1.1 to 3.5), and finite where val NLL falls without end (all right).
+TEMPERATURE_RANGE = (0.01, 100.0)
 
 
 def class_counts(labels, preds, num_classes):
     """Per class: true pairs, predicted pairs and hits (true and predicted), each [C]."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
+    labels = np.asarray(labels)
+    preds = np.asarray(preds)
     return (np.bincount(labels, minlength=num_classes), np.bincount(preds, minlength=num_classes),
             np.bincount(labels[labels == preds], minlength=num_classes))
 
@@ -38,7 +46,8 @@ def scores(labels, preds, num_classes):
 
 def summarize(log_probs, labels):
     """Loss, scores, per-class recall and predictions from log-probabilities [N,C] and labels [N]."""
-    preds, num_classes = log_probs.argmax(1), log_probs.shape[1]
+    preds = log_probs.argmax(1)
+    num_classes = log_probs.shape[1]
     true, _, hits = class_counts(labels.numpy(), preds.numpy(), num_classes)
     return {"loss": F.nll_loss(log_probs, labels).item(),
             **scores(labels.numpy(), preds.numpy(), num_classes),
@@ -51,7 +60,8 @@ def evaluate(model, batches, mixed_precision=nullcontext()):
     """Loss, accuracy, macro-F1, per-class recall, predictions and log-probabilities of `model`
     over `batches`. The one metric function: train.py validates with it, evaluate.py tests with it."""
     model.eval()
-    log_probs, labels = [], []
+    log_probs = []
+    labels = []
     for batch in batches:
         with mixed_precision:
             logits = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
@@ -81,6 +91,86 @@ def calibration_error(log_probs, labels, bins=ECE_BINS):
     return float(torch.bincount(bin_of, weights=gaps, minlength=bins).abs().sum() / len(gaps))
 
 
+def temper(logits, temperature):
+    """log softmax(logits / T) [N,C]. `logits` may be log-probabilities as well: log_softmax
+    subtracts one constant per row, and a constant divided by T is still one, so
+    log_softmax(log_softmax(z) / T) equals log_softmax(z / T). A positive T never moves the argmax."""
+    return F.log_softmax(logits / temperature, dim=1)
+
+
+def fit_temperature(logits, labels, bounds=TEMPERATURE_RANGE, steps=60):
+    """The one temperature T > 0 that minimises the NLL of softmax(logits / T) over `labels`
+    (temperature scaling: Guo et al., 2017), fitted on val after training. `logits` [N,C]
+    may be log-probabilities (see temper). The NLL is convex in 1/T, so it has one minimum
+    along log T: a golden-section search over log T within `bounds` finds it without
+    gradients or a learning rate, and the same inputs give the same T on any machine."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(labels) == 0:
+        raise DataError("cannot fit a temperature on an empty val split: prepare the data again "
+                        "with val pairs (prepare_data.py), or evaluate without calibration")
+    logits = torch.as_tensor(logits).double()
+
+    def nll(log_t):
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    # the golden ratio's inverse: each step reuses one probe and makes one new
+    shrink = (math.sqrt(5) - 1) / 2
+    low = math.log(bounds[0])
+    high = math.log(bounds[1])
+    left = high - shrink * (high - low)
+    right = low + shrink * (high - low)
+    left_nll = nll(left)
+    right_nll = nll(right)
+    for _ in range(steps):
+        # keep the side of the lower probe; the kept probe is one of the new pair
+        if left_nll <= right_nll:
+            high = right
+            right = left
+            right_nll = left_nll
+            left = high - shrink * (high - low)
+            left_nll = nll(left)
+        else:
+            low = left
+            left = right
+            left_nll = right_nll
+            right = low + shrink * (high - low)
+            right_nll = nll(right)
+    return math.exp((low + high) / 2)
+
+
+def ablations(model, split, features, scored, seed=0):
+    """Scores with one input taken away, for the inputs `model` reads. The empty text and
+    the blank image are inputs a fused model never saw in training, so their rows also measure
+    its reaction to something new; the shuffled rows (real sentences, or real faces, each beside
+    another pair's, seeded) keep the inputs' kind and remove only their pairing.
+    `scored(split, features)` is score() with everything else fixed."""
+    rows = {}
+    order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
+    if model.uses_text:
+        empty = {**split, "input_ids": torch.zeros_like(split["input_ids"][:, :1]),
+                 "lengths": torch.zeros_like(split["lengths"])}
+        shuffled = {**split, "input_ids": split["input_ids"][order], "lengths": split["lengths"][order]}
+        rows["no text"] = scored(empty, features)
+        rows["shuffled text"] = scored(shuffled, features)
+    if model.uses_image:
+        rows["no image"] = scored(split, blank_features(model, split))
+        # the labels stay with the texts
+        faces = {**split, "images": split["images"][order]}
+        face_features = None if features is None else {k: v[:, order] for k, v in features.items()}
+        rows["shuffled image"] = scored(faces, face_features)
+    return rows
+
+
+@torch.inference_mode()
+def blank_features(model, split):
+    """The features of one blank image laid out as the cache holds them, float16 [2,N,...] on
+    the CPU: every pair and its mirror (a blank image is its own mirror) share one view."""
+    blank = torch.full_like(split["images"][:1], BLANK_PIXEL)
+    model.eval()
+    features = model.image_features(blank.to(next(model.parameters()).device))
+    return {k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:]) for k, v in features.items()}
+
+
 def plot_curves(rows, path):
     """A run's loss and accuracy per epoch, train and val (rows as in log.csv)."""
     import matplotlib
@@ -91,7 +181,10 @@ def plot_curves(rows, path):
     for ax, metric in zip(axes, ["loss", "accuracy"]):
         for split in ("train", "val"):
             ax.plot(epochs, [float(r[f"{split}_{metric}"]) for r in rows], marker=".", label=split)
-        ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -1,12 +1,15 @@
 """evaluate.py: deterministic rows in the reference's format, equal to scikit-learn; intervals,
 calibration, test-time mirroring and ablations that measure what each input is worth."""
 import csv
+import fcntl
+import multiprocessing
 from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 import evaluate
@@ -14,7 +17,7 @@ import metrics
 import prepare_data
 from conftest import SYNTHETIC
 from data import Batches, cached_features, load_split
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from models import build_model
 
 
@@ -144,13 +147,13 @@ def test_ablation_inputs_and_the_rows_a_single_input_model_cannot_have(runs, pro
     def inputs(pairs, features):  # stands in for score(): what each row would be scored on
         return pairs, features
     features = {"pooled": torch.arange(len(split["labels"]), dtype=torch.float16).view(1, -1, 1)}
-    made = evaluate.ablations(model, split, features, inputs)
+    made = metrics.ablations(model, split, features, inputs)
     assert list(made) == ["no text", "shuffled text", "no image", "shuffled image"]
     (empty, _), (shuffled, _), (same, blank), (faces, face_features) = made.values()
     assert empty["lengths"].eq(0).all() and empty["input_ids"].eq(0).all()
     assert not torch.equal(shuffled["input_ids"], split["input_ids"])
     assert sorted(map(tuple, shuffled["input_ids"].tolist())) == sorted(map(tuple, split["input_ids"].tolist()))
-    assert torch.equal(evaluate.ablations(model, split, None, inputs)["shuffled text"][0]["input_ids"],
+    assert torch.equal(metrics.ablations(model, split, None, inputs)["shuffled text"][0]["input_ids"],
                        shuffled["input_ids"])  # seeded
     assert same is split and blank["pooled"].shape[:2] == (2, len(split["labels"]))
     assert blank["pooled"].eq(blank["pooled"][0, 0]).all(-1).all()  # one blank image for every pair
@@ -160,8 +163,8 @@ def test_ablation_inputs_and_the_rows_a_single_input_model_cannot_have(runs, pro
     assert torch.equal(faces["images"], split["images"][order])
     assert faces["labels"] is split["labels"] and faces["input_ids"] is split["input_ids"]
     text_only, image_only = (build_model(replace(model.cfg, modality=modality)) for modality in ("text", "image"))
-    assert list(evaluate.ablations(text_only, split, None, inputs)) == ["no text", "shuffled text"]
-    assert list(evaluate.ablations(image_only, split, None, inputs)) == ["no image", "shuffled image"]
+    assert list(metrics.ablations(text_only, split, None, inputs)) == ["no text", "shuffled text"]
+    assert list(metrics.ablations(image_only, split, None, inputs)) == ["no image", "shuffled image"]
 
 
 @pytest.fixture
@@ -191,3 +194,150 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, processed, five_class_da
     assert not (tmp_path / "r.csv").exists()
     assert wrong_columns.read_text() == "a,b\n1,2\n"
     assert not (runs / "model_a" / "last_test_confusion.csv").exists()
+
+
+def resaved(runs, tmp_path, name, *, temperature=1.0, **train_args):
+    """runs/model_a/best.pt saved again as tmp_path/name/best.pt with another temperature
+    or other training args (the run folder names the row's Experiment_ID)."""
+    model, _, info = load_checkpoint(runs / "model_a" / "best.pt")
+    path = tmp_path / name / "best.pt"
+    save_checkpoint(path, model, tokenizer_json=info["tokenizer"], classes=info["classes"],
+                    image_size=info["image_size"], metrics=info["metrics"],
+                    args={**info["args"], **train_args}, temperature=temperature)
+    return path
+
+
+def overconfident(n=4000, temperature=2.0, seed=0):
+    """Logits `temperature` times too sharp: labels drawn from softmax(z), logits z * T."""
+    generator = torch.Generator().manual_seed(seed)
+    true_logits = 3 * torch.randn(n, 7, generator=generator)
+    labels = torch.multinomial(true_logits.softmax(1), 1, generator=generator).squeeze(1)
+    return true_logits * temperature, labels
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    logits, labels = overconfident(temperature=2.0)
+    fitted = metrics.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(2.0, rel=0.05)
+    assert metrics.fit_temperature(logits, labels) == fitted  # deterministic
+    # log-probabilities give the same temperature: log_softmax only shifts each row
+    assert metrics.fit_temperature(logits.log_softmax(1), labels) == pytest.approx(fitted, rel=1e-6)
+    assert metrics.fit_temperature(logits / 2.0, labels) == pytest.approx(1.0, rel=0.05)
+
+
+def test_fit_temperature_lowers_the_nll_of_overconfident_logits():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 7, (2000,), generator=generator)
+    # right 70 % of the time, each answer given with a margin of 8 (about 99.8 % sure)
+    right = torch.rand(2000, generator=generator) < 0.7
+    preds = torch.where(right, labels, torch.randint(0, 7, (2000,), generator=generator))
+    logits = 8.0 * F.one_hot(preds, 7).float()
+    fitted = metrics.fit_temperature(logits, labels)
+    assert fitted > 1.5
+    calibrated = metrics.temper(logits, fitted)
+    assert F.nll_loss(calibrated, labels) < F.cross_entropy(logits, labels) - 0.5
+    assert torch.equal(calibrated.argmax(1), logits.argmax(1))
+    assert metrics.calibration_error(calibrated, labels) < metrics.calibration_error(
+        logits.log_softmax(1), labels) / 4
+
+
+def test_fit_temperature_refuses_an_empty_split():
+    with pytest.raises(ValueError, match="empty val split"):
+        metrics.fit_temperature(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long))
+
+
+def test_evaluate_applies_the_checkpoint_temperature(runs, processed, tmp_path, capsys):
+    results = tmp_path / "results.csv"
+    for name, temperature in (("plain", 1.0), ("tempered", 2.0)):
+        assert run_eval(resaved(runs, tmp_path, name, temperature=temperature), processed, results) == 0
+    out = capsys.readouterr().out
+    assert "at temperature 2.000" in out and "uncalibrated" in out
+    header = next(csv.reader(open(results)))
+    assert {"ECE", "ECE_Uncalibrated", "Temperature"} <= set(header)
+    plain, tempered = rows(results)
+    assert float(plain["Temperature"]) == 1.0 and float(tempered["Temperature"]) == 2.0
+    assert plain["ECE"] == plain["ECE_Uncalibrated"] == tempered["ECE_Uncalibrated"]
+    assert tempered["ECE"] != plain["ECE"]
+    # a positive temperature moves no prediction
+    for column in ("Test_Accuracy", "Macro_F1", "Accuracy_CI_Low", "Angry_Recall"):
+        assert tempered[column] == plain[column]
+
+
+def append_rows(path, name, start, count):
+    start.wait()
+    for i in range(count):
+        evaluate.append_row(path, {"Experiment_ID": f"{name}-{i}", "Test_Accuracy": i / 100})
+
+
+def test_concurrent_evaluations_each_add_their_row(tmp_path):
+    # Two evaluations finishing together: without the lock each reads the file, adds its row
+    # and replaces it, and the later replace drops the other's row.
+    path = tmp_path / "results.csv"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(2)
+    workers = [context.Process(target=append_rows, args=(path, name, start, 20)) for name in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    lines = path.read_text().splitlines()
+    assert lines.count("Experiment_ID,Test_Accuracy") == 1 and lines[0] == "Experiment_ID,Test_Accuracy"
+    assert sorted(row["Experiment_ID"] for row in rows(path)) == sorted(
+        f"{name}-{i}" for name in "ab" for i in range(20))
+
+
+def test_an_evaluation_waits_while_another_holds_the_results_file(tmp_path):
+    path = tmp_path / "results.csv"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(2)
+    worker = context.Process(target=append_rows, args=(path, "waiting", start, 1))
+    # started first: a process forked while the lock is held would inherit it
+    worker.start()
+    with open(tmp_path / "results.csv.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        start.wait()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not path.exists()
+    worker.join(timeout=60)
+    assert worker.exitcode == 0 and [row["Experiment_ID"] for row in rows(path)] == ["waiting-0"]
+
+
+def test_a_results_file_from_before_a_column_gains_it(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("Experiment_ID,ECE\nold/best,0.1\n")
+    evaluate.append_row(path, {"Experiment_ID": "new/best", "ECE": 0.05, "Temperature": 1.5})
+    assert path.read_text() == "Experiment_ID,ECE,Temperature\nold/best,0.1,\nnew/best,0.05,1.5\n"
+
+
+def test_amp_defaults_to_the_runs_own(runs, processed, tmp_path, monkeypatch):
+    asked = []
+    real_autocast = evaluate.autocast
+    real_cache = evaluate.cached_features
+
+    def recording_autocast(device, amp):
+        asked.append(("forward", amp))
+        return real_autocast(device, "off")
+
+    def recording_cache(*args, amp, **kwargs):
+        asked.append(("cache", amp))
+        return real_cache(*args, amp="off", **kwargs)
+
+    monkeypatch.setattr(evaluate, "autocast", recording_autocast)
+    monkeypatch.setattr(evaluate, "cached_features", recording_cache)
+    off = resaved(runs, tmp_path, "trained_off", amp="off")
+    bf16 = resaved(runs, tmp_path, "trained_bf16", amp="bf16")
+    cases = [(off, [], "off"), (bf16, [], "bf16"), (bf16, ["--amp", "off"], "off")]
+    for checkpoint, flags, expected in cases:
+        asked.clear()
+        assert run_eval(checkpoint, processed, tmp_path / "r.csv", *flags) == 0
+        assert asked == [("forward", expected), ("cache", expected)]
+    assert evaluate.run_amp(None, {"args": {}}) == "auto"  # a run saved before the flag existed
+
+
+def test_batch_size_zero_is_one_line(processed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_eval(tmp_path / "any.pt", processed, tmp_path / "r.csv", "--batch-size", "0")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "--batch-size" in err and not (tmp_path / "r.csv").exists()

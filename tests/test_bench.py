@@ -1,0 +1,34 @@
+"""bench.py: every bad value is one line and exit 2 before any work; --help names every choice.
+The bench itself is a measurement, never a timed test (DESIGN.md, performance targets)."""
+import pytest
+
+import bench
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--batch-size", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_a_count_below_one_is_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert flag in err and "Traceback" not in err
+
+
+def test_an_unknown_device_is_one_line(capsys):
+    assert bench.main(["--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device gpu") and err.count("\n") == 1
+
+
+def test_help_names_every_amp_choice_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    # the options part, after the usage line that names the choices too, rewrapped as one line
+    options = " ".join(out.split("options:")[1].split())
+    amp_help = options.split("--amp {auto,bf16,fp16,off}")[1].split("--device")[0]
+    for choice in ("auto", "bf16", "fp16", "off"):
+        assert choice in amp_help
+    assert "(default: auto)" in amp_help and "python bench.py --json" in out
