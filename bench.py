@@ -131,13 +131,14 @@ def bench(args):
         save_checkpoint(path, model, tokenizer_json=tokenizer.to_str(),
                         classes=[f"class{i}" for i in range(cfg.num_classes)], image_size=75,
                         metrics={})
-        loaded, tokenizer, _ = load_checkpoint(path, device)
+        loaded, tokenizer, info = load_checkpoint(path, device)
         image = split["images"][:1]
         text = ["word1 word2 word3 word4 word5 word6 word7"]
         latencies = []
         for _ in range(args.repeats + 3):
             t0 = time.perf_counter()
-            predict(loaded, image, *encode_texts(tokenizer, text, cfg.max_len), device)
+            predict(loaded, image, *encode_texts(tokenizer, text, cfg.max_len), device,
+                    temperature=info["temperature"])
             latencies.append(time.perf_counter() - t0)
         figures["demo_latency_ms"] = 1000 * statistics.median(latencies[3:])  # after warm-up
         from PIL import Image

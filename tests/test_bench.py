@@ -1,5 +1,7 @@
-"""bench.py: every bad value is one line and exit 2 before any work; --help names every choice.
-The bench itself is a measurement, never a timed test (DESIGN.md, performance targets)."""
+"""bench.py: every bad value is one line and exit 2 before any work; --help names every choice;
+a tiny run goes end to end. The bench itself is a measurement, never a timed test (DESIGN.md)."""
+import json
+
 import pytest
 
 import bench
@@ -32,3 +34,13 @@ def test_help_names_every_amp_choice_and_default(capsys):
     for choice in ("auto", "bf16", "fp16", "off"):
         assert choice in amp_help
     assert "(default: auto)" in amp_help and "python bench.py --json" in out
+
+
+def test_a_tiny_bench_runs_end_to_end(capsys):
+    # Not a timing (those are bench.py's to print): it fails when train.py or demo.py change an
+    # interface the bench calls, which no other test would notice.
+    assert bench.main(["--samples", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
+                       "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert figures["samples"] == 4 and figures["dtype"] == "float32"
+    assert figures["cache_speedup"] > 0 and figures["demo_latency_ms"] > 0
