@@ -54,8 +54,14 @@ train: $(SETUP)
 eval: $(SETUP)
 	$(PYTHON) evaluate.py --checkpoint checkpoints/model_$(MODEL)/best.pt --ablate
 
+# Either input alone is enough; with neither, say how to give them (before any install).
+ifeq ($(strip $(IMAGE)$(TEXT)),)
+demo:
+	@echo 'error: give a photo, a sentence or both: make demo IMAGE=face.jpg TEXT="so happy today"' >&2; exit 2
+else
 demo: $(SETUP)
-	$(PYTHON) demo.py --image "$(IMAGE)" --text "$(TEXT)"
+	$(PYTHON) demo.py$(if $(IMAGE), --image "$(IMAGE)")$(if $(TEXT), --text "$(TEXT)")
+endif
 
 bench: $(SETUP)
 	$(PYTHON) bench.py
@@ -68,10 +74,10 @@ test: $(SETUP)
 # ablation, and the demo on a real photo with its explanation: minutes on a laptop CPU.
 quickstart: install
 	$(PYTHON) prepare_data.py --source synthetic --raw-dir $(QUICK)/raw --out $(QUICK)/processed
-	$(PYTHON) train.py --model a --run quickstart_a $(QUICK_TRAIN)
-	$(PYTHON) train.py --model b --run quickstart_b $(QUICK_TRAIN)
-	$(PYTHON) train.py --model a --run quickstart_a_image --modality image $(QUICK_TRAIN)
-	$(PYTHON) train.py --model a --run quickstart_a_text --modality text $(QUICK_TRAIN)
+	$(PYTHON) train.py --model a --run-name quickstart_a $(QUICK_TRAIN)
+	$(PYTHON) train.py --model b --run-name quickstart_b $(QUICK_TRAIN)
+	$(PYTHON) train.py --model a --run-name quickstart_a_image --modality image $(QUICK_TRAIN)
+	$(PYTHON) train.py --model a --run-name quickstart_a_text --modality text $(QUICK_TRAIN)
 	rm -f results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt $(QUICK_EVAL)
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a_image/best.pt $(QUICK_EVAL)

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import torch.distributed as dist
+from torch import nn
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
@@ -33,3 +34,29 @@ def all_ranks(labels, preds, loss_sum):
     labels = np.concatenate([part[0] for part in parts])
     preds = np.concatenate([part[1] for part in parts])
     return labels, preds, sum(part[2] for part in parts)
+
+
+def sync_batchnorm(model, device_type, world_size=WORLD_SIZE):
+    """A trunk that trains under DDP on GPUs gets SyncBatchNorm: each step normalizes with the
+    statistics of the whole global batch and every rank's running statistics move alike, as one
+    process's would. torch's SyncBatchNorm raises on CPU tensors while training under a process
+    group (nn/modules/batchnorm.py: "SyncBatchNorm expected input tensor to be on GPU"), so on
+    the CPU the ranks agree through average_batchnorm_buffers instead. A frozen trunk's
+    BatchNorm never trains: nothing to do."""
+    if device_type == "cuda" and world_size > 1 and model.cfg.finetune:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def average_batchnorm_buffers(model):
+    """CPU (gloo) runs whose trunk trains: set every rank's BatchNorm running statistics to their
+    mean over the ranks, so that all ranks evaluate and save one model. DDP only copies rank 0's
+    buffers at the start of a forward, and each rank then updates them from its own slice."""
+    if not dist.is_initialized() or not model.cfg.finetune:
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world_size

@@ -71,10 +71,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows every flag's default, and the script's docstring as written (its examples)."""
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """A bad flag or value is one line and exit 2, as every other bad input is; --help has the rest."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def script_parser(doc):
     """The argument parser of a script: its docstring (usage examples first) as the description.
     No abbreviated flags: under torchrun an abbreviation meets torchrun's own options first."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+    return ScriptParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def positive_int(value):
+    """argparse type: a whole number of at least 1 (a batch size, a count of epochs)."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def pick_device(name="auto"):

@@ -27,46 +27,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoints import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
-from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, gather
-from metrics import evaluate, plot_curves, scores
+from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, gather, sync_batchnorm
+from metrics import ablations, calibration_error, evaluate, fit_temperature, plot_curves, scores, temper
 from models import ModelConfig, PretrainedWeightsError, build_model, default_backbone_lr_scale, describe, \
     parameter_groups
-from runtime import DataError, atomic_write, autocast, pick_device, progress
+from runtime import DataError, atomic_write, autocast, pick_device, positive_int, progress, script_parser
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # A resume takes the rest from args.json; --data must hold compatible data (check_compatible).
 RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data", "resume",
-                     "overwrite", "out", "run")
+                     "overwrite", "out", "run_name")
 
 
-def parse_args(argv=None):
-    """-> (args, the names of the flags given on the command line)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["a", "b"], required=True)
-    p.add_argument("--data", default="data/processed")
-    p.add_argument("--out", default="checkpoints")
-    p.add_argument("--run", default=None, help="run name (default model_a / model_b)")
-    p.add_argument("--cache-dir", default="data/cache")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="the global batch, over all processes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)  # torch's AdamW default, as the reference
+def build_parser():
+    """train.py's flags; parse_args reads them."""
+    p = script_parser(__doc__)
+    p.add_argument("--model", choices=["a", "b"], required=True,
+                   help="a: GRU text, concatenation; b: Transformer text, cross-attention over face regions")
+    p.add_argument("--data", default="data/processed", help="the prepared data (prepare_data.py --out)")
+    p.add_argument("--out", default="checkpoints", help="where run folders go")
+    p.add_argument("--run-name", default=None,
+                   help="the run's folder under --out (default model_a / model_b)")
+    p.add_argument("--cache-dir", default="data/cache", help="where the frozen trunk's features are kept")
+    p.add_argument("--epochs", type=positive_int, default=100, help="epochs to train in all")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="the global batch, over all processes")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the head (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay of weight matrices (torch's default, as the reference)")
     p.add_argument("--backbone-lr-scale", type=float, default=None,
-                   help="with --finetune-backbone: trunk lr = lr * this (default 0.1, 1.0 with --no-pretrained)")
+                   help="with --finetune-backbone: trunk lr = lr * this (None: 0.1, 1.0 with --no-pretrained)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
     p.add_argument("--modality", choices=["both", "image", "text"], default="both",
                    help="image or text: the same branch and head on one input (a baseline)")
+    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                   help="a fused model's pair loses its sentence with probability P, or else its face "
+                        "with probability P (never both), so that one input alone is something it knows")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (linear)")
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     p.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val macro-F1 (0: never)")
-    p.add_argument("--dropout", type=float, default=None, help="head dropout (A 0.5, B 0.2)")
-    p.add_argument("--layers", type=int, default=3, help="Model B transformer layers")
-    p.add_argument("--heads", type=int, default=4, help="Model B attention heads")
-    p.add_argument("--input-size", type=int, default=224, help="trunk input resolution")
+    p.add_argument("--dropout", type=float, default=None, help="head dropout (None: A 0.5, B 0.2)")
+    p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
+    p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
+    p.add_argument("--input-size", type=positive_int, default=224,
+                   help="the trunk's input side: faces (prepare_data.py --image-size) are resized to it")
     p.add_argument("--no-pretrained", action="store_true", help="random trunk (offline use)")
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the trunk too, on random views of each face (no cache)")
@@ -74,17 +82,27 @@ def parse_args(argv=None):
     p.add_argument("--no-cache", action="store_true", help="run the frozen trunk every step")
     p.add_argument("--no-flip", action="store_true", help="frozen trunk: no random horizontal flip")
     p.add_argument("--no-redraw", action="store_true", help="keep the prepared text of each image")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision: auto is bf16 where the GPU has it natively, fp16 on older GPUs, "
+                        "off on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<run>/last.pt")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<run-name>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the model's init and the batch order")
+    return p
+
+
+def parse_args(argv=None):
+    """-> (args, the names of the flags given on the command line)."""
+    p = build_parser()
     args = p.parse_args(argv)
+    if not 0 <= args.modality_dropout < 1:
+        p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
     # Parsed again over a namespace of markers: a flag still holding its marker was not given.
     unset = object()
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    args.run = args.run or f"model_{args.model}"
+    args.run_name = args.run_name or f"model_{args.model}"
     return args, {name for name, value in vars(given).items() if value is not unset}
 
 
@@ -101,7 +119,8 @@ def lr_factor(step, total_steps, args):
 def resume_args(args, given, run_dir):
     """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
     this command line; any other given flag that differs would silently change the run."""
-    for name in ("last.pt", "args.json", "log.csv"):  # every run writes all three by its first epoch's end
+    # every run writes all three by its first epoch's end
+    for name in ("last.pt", "args.json", "log.csv"):
         if not (run_dir / name).exists():
             raise DataError(f"cannot resume: {run_dir / name} does not exist (restore it, or start over)")
     saved = json.loads((run_dir / "args.json").read_text())
@@ -109,9 +128,15 @@ def resume_args(args, given, run_dir):
                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != getattr(args, k)]
     if refused:
         raise DataError(f"--resume continues {run_dir} as its args.json says; these flags would "
-                        f"change it: {', '.join(refused)}. Drop them, or start a new run with --run NAME")
+                        f"change it: {', '.join(refused)}. Drop them, or start a new run with --run-name NAME")
+    # The cosine schedule spans the run's epochs: other epochs would make the learning rate jump.
+    if saved.get("cosine") and "epochs" in given and args.epochs != saved["epochs"]:
+        raise DataError(f"--resume with --epochs {args.epochs}: the run decays its learning rate over "
+                        f"{saved['epochs']} epochs (--cosine), and a new length would make it jump; "
+                        "resume with its own --epochs, or start a new run with --run-name NAME")
     kept = {name: value for name, value in saved.items() if name in vars(args) and name not in given}
-    return argparse.Namespace(**{**vars(args), **kept, "out": args.out, "run": args.run})
+    return argparse.Namespace(**{**vars(args), **kept, "out": args.out, "run_name": args.run_name})
+
 
 @dataclass
 class Counters:
@@ -137,6 +162,8 @@ class Run:
     val_batches: Batches | None
     counters: Counters = field(default_factory=Counters)
     rows: list = field(default_factory=list)  # log.csv's rows so far, as written there
+    # the blank face's cached features, for --modality-dropout from the cache
+    blank_features: dict | None = None
 
 
 def build(args, meta, tokenizer, device, run_dir):
@@ -204,7 +231,7 @@ def restore(state, run, device):
     made = len(run.optimizer.param_groups)
     if saved != made:
         raise DataError(f"cannot resume: last.pt's optimizer has {saved} parameter groups, this train.py "
-                        f"makes {made} (it was saved by an older version): start a new run with --run NAME")
+                        f"makes {made} (it was saved by an older version): start a new run with --run-name NAME")
     run.optimizer.load_state_dict(state["optimizer"])
     # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
     if state["scaler"]:
@@ -227,7 +254,7 @@ def start(args, given, run_dir):
         args = resume_args(args, given, run_dir)
     elif (run_dir / "last.pt").exists() and not args.overwrite:
         raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                        "--run NAME for a new one, or --overwrite to replace it")
+                        "--run-name NAME for a new one, or --overwrite to replace it")
     # under torchrun, this process's own GPU
     device = pick_device(args.device)
     if WORLD_SIZE > 1:
@@ -248,19 +275,23 @@ def start(args, given, run_dir):
     mixed_precision, amp_dtype = autocast(device, args.amp)
     if MASTER:
         feeding = "cached features" if uses_cache(args, model) else "images through the trunk"
-        print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {amp_dtype} | {feeding}"
+        print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {AMP_NAMES[amp_dtype]} | {feeding}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
         if not model.cfg.pretrained:
             print("note: random trunk (--no-pretrained): image features are not ImageNet's")
     train_batches, val_batches, cache_seconds = make_batches(args, model, device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # SyncBatchNorm for a trunk that trains on several GPUs (no-op otherwise)
+    model = sync_batchnorm(model, device.type)
     step_model = torch.compile(model) if args.compile else model
     # the frozen trunk has no gradients: DDP syncs the head only
     if WORLD_SIZE > 1:
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
+    if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
+        run.blank_features = blank_face_features(model, meta["image_size"], device)
     if state is not None:
         restore(state, run, device)
         # a resume drops the log rows of an epoch logged but never checkpointed
@@ -281,8 +312,38 @@ def start(args, given, run_dir):
     return args, run, about
 
 
-def train_epoch(run, *, clip=1.0, label_smoothing=0.0, lr_at=lambda step: 1.0, desc="train",
-                show_progress=True):
+def drop_inputs(batch, p, blank_features=None):
+    """Modality dropout: each pair loses its sentence with probability p, or else its face with
+    probability p, never both. A lost sentence is the empty text and a lost face the blank one
+    (data.BLANK_PIXEL): the inputs the ablation and the demo give a model for a missing one."""
+    labels = batch["labels"]
+    draws = torch.rand(2, len(labels), device=labels.device)
+    no_text = draws[0] < p
+    no_image = ~no_text & (draws[1] < p)
+    batch = dict(batch)
+    batch["input_ids"] = batch["input_ids"].masked_fill(no_text.unsqueeze(1), 0)
+    batch["lengths"] = batch["lengths"].masked_fill(no_text.to(batch["lengths"].device), 0)
+    if "images" in batch:
+        batch["images"] = batch["images"].masked_fill(no_image[:, None, None], BLANK_PIXEL)
+    else:
+        features = {}
+        for name, value in batch["image_features"].items():
+            lost = no_image.view(-1, *[1] * (value.dim() - 1))
+            features[name] = torch.where(lost, blank_features[name].to(value.dtype), value)
+        batch["image_features"] = features
+    return batch
+
+
+def blank_face_features(model, image_size, device):
+    """The blank face's features (1, ...) from a frozen trunk: what a lost face is in the cache."""
+    blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
+    model.eval()
+    with torch.no_grad():
+        return model.image_features(blank)
+
+
+def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_at=lambda step: 1.0,
+                desc="train", show_progress=True):
     """One pass over run.train_batches -> (predictions, labels, summed loss), all on the device:
     nothing in the loop waits for it. Advances run.counters.step."""
     optimizer = run.optimizer
@@ -294,6 +355,8 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, lr_at=lambda step: 1.0, d
     for batch in progress(run.train_batches, desc, enabled=show_progress):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_at(run.counters.step)
+        if modality_dropout > 0:
+            batch = drop_inputs(batch, modality_dropout, run.blank_features)
         with run.mixed_precision:
             logits = run.step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
                                     image_features=batch.get("image_features"))
@@ -368,32 +431,62 @@ def interrupted(args, run_dir, epoch):
     if not (run_dir / "last.pt").exists():
         return f"interrupted in epoch {epoch}, before any checkpoint: nothing to resume"
     return (f"interrupted in epoch {epoch}: {run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n"
-            f"  python train.py --model {args.model} --out {args.out} --run {args.run} --resume")
+            f"  python train.py --model {args.model} --out {args.out} --run-name {args.run_name} --resume")
+
+
+def calibrate(run_dir, args, device, mixed_precision):
+    """best.pt gets the temperature that calibrates its val probabilities (Guo et al., 2017), and
+    its val accuracy with each input taken away: what the demo quotes for a model that never saw
+    a missing input. Rank 0 alone, after training."""
+    model, _, info = load_checkpoint(run_dir / "best.pt", device)
+    split = load_split(args.data, "val")
+    features = None
+    if uses_cache(args, model):
+        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=False,
+                                      amp=args.amp, show_progress=False)
+
+    def scored(pairs, pair_features):
+        return evaluate(model, Batches(pairs, 256, device, features=pair_features), mixed_precision)
+
+    val = scored(split, features)
+    temperature = fit_temperature(val["log_probs"], val["labels"])
+    ablation = {"full": val["accuracy"]}
+    for name, result in ablations(model, split, features, scored).items():
+        ablation[name] = result["accuracy"]
+    save_checkpoint(run_dir / "best.pt", model, tokenizer_json=info["tokenizer"], classes=info["classes"],
+                    image_size=info["image_size"], metrics={**info["metrics"], "val_ablation": ablation},
+                    args=info["args"], temperature=temperature)
+    before = calibration_error(val["log_probs"], val["labels"])
+    after = calibration_error(temper(val["log_probs"], temperature), val["labels"])
+    print(f"calibrated on val: temperature {temperature:.3f}, ECE {before:.4f} -> {after:.4f}")
 
 
 def train(args, given):
     """Set up the run (or resume it), then train epoch by epoch: train, gather, evaluate, log,
     save, stop. -> exit code."""
-    run_dir = Path(args.out) / args.run
+    run_dir = Path(args.out) / args.run_name
     args, run, about = start(args, given, run_dir)
     model = run.model
     counters = run.counters
     total_steps = args.epochs * len(run.train_batches)
     device = run.train_batches.device
+    # one input alone is something only a fused model can lose
+    modality_dropout = args.modality_dropout if model.cfg.modality == "both" else 0.0
     epoch = counters.epoch + 1
     try:
         for epoch in range(counters.epoch + 1, args.epochs + 1):
             # train: one pass over this epoch's shuffled batches
             t0 = time.time()
             preds, labels, loss_sum = train_epoch(
-                run, clip=args.clip, label_smoothing=args.label_smoothing,
+                run, clip=args.clip, label_smoothing=args.label_smoothing, modality_dropout=modality_dropout,
                 lr_at=lambda step: lr_factor(step, total_steps, args), desc=f"epoch {epoch}",
                 show_progress=MASTER)
             # gather: every rank's predictions (each rank trained on its slice of every batch)
             train_part = all_ranks(labels.cpu().numpy(), preds.cpu().numpy(), loss_sum.item())
             seconds = time.time() - t0
             counters.train_seconds += seconds
-            # evaluate: val, each rank its share, put together
+            # evaluate: one model on every rank (BatchNorm statistics agreed), val shared out
+            average_batchnorm_buffers(model)
             val = evaluate(model, run.val_batches, run.mixed_precision)
             val_part = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
             # log: log.csv, the printed line and the counters
@@ -420,6 +513,7 @@ def train(args, given):
         if run.rows and MASTER:
             plot_curves(run.rows, run_dir / "curves.png")
     if MASTER:
+        calibrate(run_dir, args, device, run.mixed_precision)
         print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0
 

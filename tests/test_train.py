@@ -193,25 +193,28 @@ def test_device_gather_and_pinned_buffer_serve_the_same_batches(processed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-def test_ranks_take_slices_of_the_same_global_batches(processed):
-    split = load_split(processed, "train")  # 420 pairs: batches of 25 split 13 + 12, the last 10 + 10
+def test_ranks_are_dealt_rows_of_the_same_global_batches(processed):
+    # 420 pairs: batches of 25 dealt 13 + 12, the last 10 + 10; rank r takes rows r, r + 2, ...
+    split = load_split(processed, "train")
     whole = list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4))
     parts = [list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4, rank=r, world_size=2))
              for r in range(2)]
     assert len(whole) == len(parts[0]) == len(parts[1]) == 17
     for batch, first, second in zip(whole, *parts):
         assert batch["global_size"] == first["global_size"] == len(batch["labels"])
-        assert torch.equal(batch["labels"], torch.cat([first["labels"], second["labels"]]))
-        assert torch.equal(batch["images"], torch.cat([first["images"], second["images"]]))
+        assert torch.equal(batch["labels"][0::2], first["labels"])
+        assert torch.equal(batch["labels"][1::2], second["labels"])
+        assert torch.equal(batch["images"][0::2], first["images"])
+        assert torch.equal(batch["images"][1::2], second["images"])
 
 
-def test_batches_on_the_meta_device_keep_lengths_on_the_cpu(processed):
+def test_batches_on_the_meta_device_put_lengths_there_too(processed):
     split = load_split(processed, "val")
     features = {"pooled": torch.zeros(1, len(split["labels"]), 8), "regions": torch.zeros(1, len(split["labels"]), 4, 8)}
     batch = next(iter(Batches(split, 16, "meta", features=features)))
     assert batch["image_features"]["regions"].device.type == "meta"
     assert batch["image_features"]["regions"].shape == (16, 4, 8)
-    assert batch["input_ids"].device.type == "meta" and batch["lengths"].device.type == "cpu"
+    assert batch["input_ids"].device.type == "meta" and batch["lengths"].device.type == "meta"
 
 
 def test_a_cache_that_does_not_load_is_rebuilt(processed, tmp_path, capsys):
@@ -257,9 +260,9 @@ def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
 def test_single_modality_runs_train_one_branch(processed, tmp_path):
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
-    assert train.main(["--model", "a", "--modality", "text", "--run", "text", *common]) == 0
+    assert train.main(["--model", "a", "--modality", "text", "--run-name", "text", *common]) == 0
     assert not (tmp_path / "cache").exists()  # no image branch: nothing to cache
-    assert train.main(["--model", "b", "--modality", "image", "--run", "image", *common]) == 0
+    assert train.main(["--model", "b", "--modality", "image", "--run-name", "image", *common]) == 0
     assert (tmp_path / "cache").exists()  # the frozen trunk's features, as for a fused model
     text, _, _ = load_checkpoint(tmp_path / "text" / "best.pt")
     image, _, _ = load_checkpoint(tmp_path / "image" / "best.pt")
