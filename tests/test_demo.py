@@ -1,4 +1,5 @@
 """demo.py: any image works, the JSON is a distribution, bad input is one clean line."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,9 +13,10 @@ from PIL import Image
 
 import demo
 from tokenizer import encode_texts
-from data import CLASSES
+from data import BLANK_PIXEL, CLASSES
 from images import detect_faces, read_image
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from models import build_model
 from test_images import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,23 +64,38 @@ def test_bar_list_starts_with_the_argmax(runs, tmp_path, capsys):
     assert lines[0] == label and len(lines) == 8 and lines[1].split()[0] == label
 
 
-def fake_run(root, name, arch, val_f1s):
-    """A run folder as train.py leaves it, as far as default_checkpoint reads it."""
+def fake_run(root, name, arch, val_f1s, modality=None):
+    """A run folder as train.py leaves it, as far as default_checkpoint reads it (an older
+    args.json has no modality: a fused run)."""
     run = root / name
     run.mkdir()
     (run / "best.pt").touch()
-    (run / "args.json").write_text(json.dumps({"model": arch}))
+    (run / "args.json").write_text(json.dumps({"model": arch, **({"modality": modality} if modality else {})}))
     (run / "log.csv").write_text("epoch,val_macro_f1\n" + "".join(f"{i},{f1}\n" for i, f1 in enumerate(val_f1s)))
 
 
 def test_default_checkpoint_prefers_model_b(runs, tmp_path):
-    assert demo.default_checkpoint(runs) == str(runs / "model_b" / "best.pt")
+    assert demo.default_checkpoint(runs)[0] == str(runs / "model_b" / "best.pt")
     # Two runs of one architecture: the best epoch's val macro-F1 decides, not the last one's
     # and not the folder name; a Model A run scoring higher still loses to Model B.
     fake_run(tmp_path, "b_first", "b", [0.40, 0.62, 0.55])
     fake_run(tmp_path, "b_second", "b", [0.50, 0.58, 0.60])
     fake_run(tmp_path, "a_best", "a", [0.90])
-    assert demo.default_checkpoint(tmp_path) == str(tmp_path / "b_first" / "best.pt")
+    path, why = demo.default_checkpoint(tmp_path)
+    assert path == str(tmp_path / "b_first" / "best.pt")
+    assert "Model B, fused, val macro-F1 0.620: the best of 3 run(s)" in why
+
+
+def test_default_checkpoint_prefers_fused_models_and_says_why(tmp_path):
+    # Issue 19: a text-only B run scoring higher than the fused one was picked.
+    fake_run(tmp_path, "b_text", "b", [0.60], modality="text")
+    fake_run(tmp_path, "a_image", "a", [0.70], modality="image")
+    assert demo.default_checkpoint(tmp_path)[1].startswith("Model B, text-only, val macro-F1 0.600: no fused run")
+    fake_run(tmp_path, "a_fused", "a", [0.50])
+    assert demo.default_checkpoint(tmp_path)[0] == str(tmp_path / "a_fused" / "best.pt")
+    fake_run(tmp_path, "b_fused", "b", [0.55], modality="both")
+    path, why = demo.default_checkpoint(tmp_path)
+    assert path == str(tmp_path / "b_fused" / "best.pt") and "fused" in why and "4 run(s)" in why
 
 
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
@@ -184,18 +201,20 @@ def test_token_effects_match_leaving_each_token_out(runs, model):
     crop = torch.from_numpy(read_image(PHOTO, info["image_size"]))
     input_ids, lengths = encode_texts(tokenizer, ["i am feeling so happy about it"], model.cfg.max_len)
     n = int(lengths[0])
-    effects, heat = demo.explain_text(model, crop, input_ids, n, 3, "cpu")
+    temperature = info["temperature"]
+    effects, heat = demo.explain_text(model, crop, input_ids, n, 3, "cpu", temperature=temperature)
     # The same sentences, each without one token, as ordinary predictions from the images.
     without = torch.stack([torch.cat([input_ids[0, :i], input_ids[0, i + 1:n], input_ids[0, :1] * 0])
                            for i in range(n)])  # (n, n): right-padded
-    full = demo.predict(model, crop[None], input_ids, lengths, "cpu")[0, 3]
-    alone = demo.predict(model, crop.expand(n, -1, -1), without, torch.full((n,), n - 1), "cpu")[:, 3]
+    full = demo.predict(model, crop[None], input_ids, lengths, "cpu", temperature=temperature)[0, 3]
+    alone = demo.predict(model, crop.expand(n, -1, -1), without, torch.full((n,), n - 1), "cpu",
+                         temperature=temperature)[:, 3]
     assert effects.tolist() == pytest.approx((full - alone).tolist(), abs=1e-5)
     if model.cfg.arch == "b":  # 64 px trunk input: a 2 x 2 region grid, a distribution over it
         assert heat.shape == (2, 2) and float(heat.sum()) == pytest.approx(1.0, abs=1e-5)
     else:
         assert heat is None
-        occlusion = demo.occlusion_map(model, crop, input_ids, lengths, 3, "cpu")
+        occlusion = demo.occlusion_map(model, crop, input_ids, lengths, 3, "cpu", temperature=temperature)
         assert occlusion.shape == (demo.OCCLUSION_GRID, demo.OCCLUSION_GRID) and occlusion.abs().max() > 0
 
 
@@ -226,3 +245,202 @@ def test_examples_refuse_data_of_another_tokenizer(runs, processed, tmp_path, ca
     with pytest.raises(SystemExit) as stop:
         demo.parse_args(["--examples", "0"])
     assert stop.value.code == 2
+
+
+# ---- one input is enough, single-modality checkpoints, calibration, the explain figure ----
+ABLATION = {"full": 0.81, "no text": 0.35, "no image": 0.62}
+
+
+def resave(source, target, **changes):
+    """A copy of a trained checkpoint with some of what train.py stores changed (args, metrics,
+    temperature), or with a fresh model of another modality: its weights are random, since these
+    tests read what the demo does with such a checkpoint, not how well it predicts."""
+    model, tokenizer, info = load_checkpoint(source)
+    modality = changes.pop("modality", None)
+    if modality:
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(model.cfg, modality=modality, pretrained=False))
+    stored = dict(tokenizer_json=info["tokenizer"], classes=info["classes"], image_size=info["image_size"],
+                  metrics=info["metrics"], args=info["args"], temperature=info["temperature"])
+    save_checkpoint(target, model, **{**stored, **changes})
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def variants(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    model_b = runs / "model_b" / "best.pt"
+    info = load_checkpoint(model_b)[2]
+    stored = {key: value for key, value in info["metrics"].items() if key != "val_ablation"}
+    return {"text_b": resave(model_b, root / "text_b.pt", modality="text"),
+            "image_a": resave(runs / "model_a" / "best.pt", root / "image_a.pt", modality="image"),
+            "dropout_b": resave(model_b, root / "dropout_b.pt", args={**info["args"], "modality_dropout": 0.3}),
+            "ablated_b": resave(model_b, root / "ablated_b.pt", metrics={**stored, "val_ablation": ABLATION}),
+            "older_b": resave(model_b, root / "older_b.pt", metrics=stored),
+            "hot_b": resave(model_b, root / "hot_b.pt", temperature=2.0)}
+
+
+def run_demo(capsys, *argv):
+    """-> (exit code, stdout, stderr lines)."""
+    code = demo.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.splitlines()
+
+
+def test_one_input_is_enough_in_text_and_json(runs, tmp_path, capsys):
+    checkpoint = runs / "model_b" / "best.pt"
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((75, 75), BLANK_PIXEL, np.uint8)).save(gray)
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--checkpoint", checkpoint, "--json")
+    face_alone = json.loads(out)
+    assert code == 0 and face_alone["inputs"] == ["image"] and face_alone["face"] is not None
+    assert err[0] == "note: no --text: the model reads an empty sentence in its place"
+    # The sentence alone: no face detection, the blank face of the evaluation's ablation, which
+    # is what a gray image of that pixel gives.
+    code, out, err = run_demo(capsys, "--text", "so happy today", "--checkpoint", checkpoint, "--json")
+    text_alone = json.loads(out)
+    assert code == 0 and text_alone["inputs"] == ["text"] and text_alone["truncated"] is False
+    assert text_alone["face"] is None and text_alone["faces"] == []
+    assert err[0] == "note: no --image: the model reads a blank gray face in its place"
+    both = predict_json(checkpoint, gray, "so happy today", capsys, "--no-detect")
+    assert both["inputs"] == ["image", "text"]
+    assert text_alone["probabilities"] == pytest.approx(both["probabilities"], abs=1e-6)
+    # The bar list, from either input alone.
+    for argv in (["--text", "so happy today"], ["--image", PHOTO]):
+        code, out, err = run_demo(capsys, *argv, "--checkpoint", runs / "model_a" / "best.pt")
+        lines = out.splitlines()
+        assert code == 0 and len(lines) == 8 and lines[1].split()[0] == lines[0]
+
+
+def test_a_checkpoint_without_modality_dropout_warns_with_its_val_figure(runs, variants, capsys):
+    # The session's runs were trained without modality dropout: one warning line.
+    for checkpoint in (runs / "model_a" / "best.pt", runs / "model_b" / "best.pt"):
+        code, out, err = run_demo(capsys, "--image", PHOTO, "--checkpoint", checkpoint)
+        warnings = [line for line in err if line.startswith("warning:")]
+        assert code == 0 and len(warnings) == 1
+        assert "without --modality-dropout" in warnings[0] and "unreliable" in warnings[0]
+    for name, argv, figure in [("ablated_b", ["--image", PHOTO], "val accuracy with no text: 0.35, with both: 0.81"),
+                               ("ablated_b", ["--text", "hi"], "val accuracy with no image: 0.62, with both: 0.81"),
+                               ("older_b", ["--text", "hi"], "no val ablation stored")]:
+        code, out, err = run_demo(capsys, *argv, "--checkpoint", variants[name], "--json")
+        assert code == 0 and len(err) == 2 and err[1].startswith("warning:") and err[1].endswith(f"({figure})")
+    # Trained with modality dropout: the note alone; both inputs: nothing on stderr.
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--checkpoint", variants["dropout_b"])
+    assert code == 0 and err == ["note: no --text: the model reads an empty sentence in its place"]
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--text", "hi", "--checkpoint", variants["ablated_b"])
+    assert code == 0 and err == []
+
+
+def test_a_single_modality_checkpoint_needs_only_its_input(variants, capsys):
+    code, out, err = run_demo(capsys, "--text", "so happy today", "--checkpoint", variants["text_b"], "--json")
+    assert code == 0 and err == [] and json.loads(out)["inputs"] == ["text"]
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--checkpoint", variants["image_a"], "--json")
+    assert code == 0 and err == [] and json.loads(out)["inputs"] == ["image"] and json.loads(out)["face"]
+    # Given both, the input it never reads is named, and not used.
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--text", "hi", "--checkpoint", variants["text_b"], "--json")
+    assert code == 0 and err == ["note: a text-only checkpoint does not read --image"]
+    assert json.loads(out)["inputs"] == ["text"] and json.loads(out)["face"] is None
+    # Without the one input it reads: one line, exit 2.
+    for argv, words in [(["--image", PHOTO, "--checkpoint", variants["text_b"]], "give --text"),
+                        (["--text", "hi", "--checkpoint", variants["image_a"]], "give --image")]:
+        code, out, err = run_demo(capsys, *argv)
+        assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_probabilities_are_calibrated_with_the_checkpoint_temperature(runs, variants, capsys):
+    checkpoint = runs / "model_b" / "best.pt"
+    base = predict_json(checkpoint, PHOTO, "so happy today", capsys)["probabilities"]
+    hot = predict_json(variants["hot_b"], PHOTO, "so happy today", capsys)["probabilities"]
+    # softmax(z / T2) is softmax(z / T1) ** (T1 / T2), normalized
+    power = load_checkpoint(checkpoint)[2]["temperature"] / 2.0
+    total = sum(p ** power for p in base.values())
+    assert hot == pytest.approx({name: p ** power / total for name, p in base.items()}, abs=1e-5)
+
+
+def test_a_long_sentence_is_cut_with_a_warning(runs, tmp_path, capsys):
+    checkpoint = runs / "model_b" / "best.pt"
+    model, tokenizer, info = load_checkpoint(checkpoint)
+    words = "so happy and proud of everything today".split() * 10
+    tokens = len(tokenizer.encode(" ".join(words)).ids)
+    assert tokens > model.cfg.max_len
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--text", " ".join(words), "--checkpoint", checkpoint,
+                              "--json")
+    assert code == 0 and json.loads(out)["truncated"] is True
+    assert err == [f"warning: the sentence has {tokens} tokens and the model reads the first "
+                   f"{model.cfg.max_len}: the rest is cut"]
+    # What is cut is never read: the first max_len tokens alone give the same answer.
+    kept = tokenizer.decode(tokenizer.encode(" ".join(words)).ids[:model.cfg.max_len])
+    shorter = predict_json(checkpoint, PHOTO, kept, capsys)
+    assert shorter["truncated"] is False
+    assert shorter["probabilities"] == pytest.approx(json.loads(out)["probabilities"], abs=1e-6)
+
+
+def test_sentence_lines_wrap_and_show_where_the_sentence_was_cut():
+    text = "word " * 60 + "x" * 100 + " end"
+    offsets = [(5 * i, 5 * i + 4) for i in range(10)]
+    lines = demo.sentence_lines(text, offsets, torch.linspace(-0.2, 0.2, 10), cut=True)
+    assert all(sum(len(piece) for piece, _ in line) <= demo.WRAP for line in lines) and len(lines) > 4
+    pieces = [piece for line in lines for piece in line]
+    assert "".join(piece for piece, _ in pieces) == text[:49] + " |" + text[49:]
+    styles = [style for _, style in pieces]
+    assert [style for style in styles if isinstance(style, float)] == pytest.approx(torch.linspace(-0.2, 0.2, 10).tolist())
+    cut = styles.index("cut")
+    assert set(styles[cut + 1:]) == {"past"} and "past" not in styles[:cut]
+
+
+@pytest.mark.parametrize("name,argv", [("text_b", ["--image", PHOTO, "--text", "so happy today"]),
+                                       ("image_a", ["--image", PHOTO]),
+                                       ("model_b", ["--text", " ".join(["so happy and proud today"] * 12)]),
+                                       ("model_a", ["--image", PHOTO])])
+def test_explain_any_model_with_any_input(runs, variants, tmp_path, capsys, name, argv):
+    checkpoint = variants.get(name) or runs / name / "best.pt"
+    out = tmp_path / "explain.png"
+    code, stdout, err = run_demo(capsys, *argv, "--checkpoint", checkpoint, "--explain", out)
+    assert code == 0 and stdout.splitlines()[-1] == f"explanation: {out}"
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 600
+    code, stdout, err = run_demo(capsys, *argv, "--checkpoint", checkpoint, "--explain", out, "--json")
+    assert code == 0 and json.loads(stdout)["explanation"] == str(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["explain.png"]
+
+
+def test_inputs_are_checked_before_the_checkpoint_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_checkpoint", lambda *args: pytest.fail("the checkpoint was loaded first"))
+    (tmp_path / "notes.png").write_text("not an image")
+    for image, words in [(tmp_path / "missing.png", "no such file"), (tmp_path / "notes.png", "not an image"),
+                         ("", "--image is empty"), ("  ", "--image is empty")]:
+        code, out, err = run_demo(capsys, "--image", image, "--checkpoint", tmp_path / "any.pt")
+        assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+        assert not err[0].startswith("error: :")
+
+
+def test_usage_errors_name_the_way_out(capsys):
+    for argv, words in [([], "give --image FILE, --text TEXT or both"),
+                        (["--examples", "2", "--image", "x.png"], "leave out --image and --text"),
+                        (["--examples", "0"], "at least 1")]:
+        with pytest.raises(SystemExit) as stop:
+            demo.parse_args(argv)
+        assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_help_shows_every_flag_its_default_and_the_examples(capsys):
+    parser = demo.build_parser()
+    assert all(action.help for action in parser._actions)
+    with pytest.raises(SystemExit) as stop:
+        demo.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and 'python demo.py --text "what a day"' in out
+    assert "needed unless --examples is given" in out and "(default: examples.png)" in out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_demo_passes_only_the_inputs_given():
+    def make(*args):
+        return subprocess.run(["make", "--no-print-directory", "demo", "PYTHON=python", *args], cwd=ROOT,
+                              capture_output=True, text=True)
+    neither = make()
+    assert neither.returncode != 0 and "make demo IMAGE=face.jpg TEXT=" in neither.stderr
+    image = make("-n", "IMAGE=face.jpg")
+    assert image.returncode == 0 and 'demo.py --image "face.jpg"' in image.stdout and "--text" not in image.stdout
+    text = make("-n", "TEXT=so happy")
+    assert text.returncode == 0 and 'demo.py --text "so happy"' in text.stdout and "--image" not in text.stdout
