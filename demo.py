@@ -29,7 +29,7 @@ import torch
 from checkpoints import CheckpointError, check_compatible, load_checkpoint
 from data import BLANK_PIXEL, load_meta, load_split, load_tokenizer
 from images import face_crops, load_photo, to_gray
-from runtime import DataError, atomic_write, pick_device, script_parser
+from runtime import DataError, atomic_write, pick_device, positive_int, script_parser
 from tokenizer import encode_texts
 
 # Model A's map: 7 x 7 patches, Model B's region grid at 224 px
@@ -202,7 +202,8 @@ def draw_sentence(fig, ax, lines, effects, label, max_len, cut):
         previous = None
         for piece, style in line:
             # a line starts at its first word
-            if previous is None and not piece.strip():
+            piece = piece if previous is not None else piece.lstrip()
+            if not piece:
                 continue
             color = "0.55" if style == "past" else "black"
             font = dict(fontsize=13, family="monospace", va="top", color=color)
@@ -378,7 +379,7 @@ def build_parser():
                    "a heatmap over the crop, each token's effect, the probabilities")
     p.add_argument("--no-detect", action="store_true",
                    help="no face detection: the centre square is the face")
-    p.add_argument("--examples", type=int, metavar="N",
+    p.add_argument("--examples", type=positive_int, metavar="N",
                    help="instead of one prediction, draw N random test pairs with predictions into --out")
     p.add_argument("--out", default="examples.png", help="the PNG --examples writes")
     p.add_argument("--data", default="data/processed", help="the prepared data --examples draws from")
@@ -390,8 +391,6 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.examples is not None and args.examples < 1:
-        p.error(f"--examples {args.examples}: draw at least 1 test pair")
     if args.examples and (args.image is not None or args.text is not None):
         p.error("--examples draws its own test pairs: leave out --image and --text")
     if not args.examples and args.image is None and args.text is None:
@@ -440,9 +439,9 @@ def read_inputs(args, model, tokenizer, info, photo):
         print(f"warning: the sentence has {tokens} tokens and the model reads the first {max_len}: "
               "the rest is cut", file=sys.stderr)
     size = info["image_size"]
-    boxes, squares, crops = [], [], np.full((1, size, size), BLANK_PIXEL, np.uint8)
-    if "image" in used:
-        boxes, squares, crops = face_crops(to_gray(photo), size, detect=not args.no_detect)
+    # no image read: the blank face, taken whole
+    gray = to_gray(photo) if "image" in used else np.full((size, size), BLANK_PIXEL, np.uint8)
+    boxes, squares, crops = face_crops(gray, size, detect="image" in used and not args.no_detect)
     if "image" in used and not (boxes or args.no_detect):
         print(f"warning: no face found in {args.image}: using its centre square "
               "(right for an image that is already a face crop)", file=sys.stderr)
@@ -451,11 +450,9 @@ def read_inputs(args, model, tokenizer, info, photo):
 
 
 def run(args):
-    if args.image is not None and not args.image.strip():
-        raise DataError("--image is empty: give a photo's path, or leave --image out to read the "
-                        "sentence alone")
-    if args.text is not None and not args.text.strip():
-        raise DataError("--text is empty: give the sentence, or leave --text out to read the face alone")
+    for flag, value, other in (("--image", args.image, "sentence"), ("--text", args.text, "face")):
+        if value is not None and not value.strip():
+            raise DataError(f"{flag} is empty: give one, or leave {flag} out to read the {other} alone")
     output = args.out if args.examples else args.explain
     if output:
         check_writable(output)
