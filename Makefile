@@ -29,7 +29,7 @@ else
   TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
 endif
 
-.PHONY: install data train eval demo bench test quickstart clean
+.PHONY: install data train eval demo bench test test-fast quickstart clean
 
 # .venv: made once, and the requirements installed again whenever requirements.txt changes.
 .venv/installed: requirements.txt
@@ -68,6 +68,10 @@ bench: $(SETUP)
 
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
+
+# The inner loop: every test but those that train a face-reading model (marked slow).
+test-fast: $(SETUP)
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Synthetic data, both models trained briefly on a random trunk (no download), Model A's
 # image-only and text-only baselines, a comparison table with 95 % intervals, the

@@ -68,7 +68,13 @@ def atomic_dir(path):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, and the script's docstring as written (its examples)."""
+    """--help shows every flag's default, and the script's docstring as written (its examples).
+    A switch (default False), a required flag and a default of None say nothing more."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ScriptParser(argparse.ArgumentParser):

@@ -18,6 +18,10 @@ SYNTHETIC = ["--source", "synthetic", "--synthetic-images", "60,20,20", "--synth
 TINY = ["--no-pretrained", "--input-size", "64", "--layers", "1", "--batch-size", "32"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains a model until it reads faces (make test-fast skips it)")
+
+
 @pytest.fixture(scope="session")
 def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")

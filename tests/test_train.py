@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import train
 from conftest import EPOCHS, TINY
 from checkpoints import load_checkpoint
-from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from models import ModelConfig, build_model
 from runtime import autocast, progress
 
@@ -183,14 +183,35 @@ def test_progress_lines_when_output_is_not_a_terminal(capsys):
     assert len(lines) == 4 and lines[0].startswith("epoch 1: 1/5 batches |") and "ETA" in lines[0]
 
 
-def test_device_gather_and_pinned_buffer_serve_the_same_batches(processed):
+def test_device_gather_and_buffered_gather_serve_the_same_batches(processed):
+    # On the CPU nothing is pinned and no copy is asynchronous: this checks the gathering alone
+    # (the pinned buffer's synchronize is tested on CUDA below).
     split = load_split(processed, "train")
     features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
     served = [Batches(split, 50, "cpu", features=features, shuffle=True, flip=True, on_device=where)
               for where in (True, False)]
-    for a, b in zip(*served):  # the buffer is reused: compare each batch as it comes
+    # the buffer is reused: compare each batch as it comes
+    for a, b in zip(*served):
         assert torch.equal(a["image_features"]["pooled"], b["image_features"]["pooled"])
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and async copies need CUDA")
+def test_the_pinned_buffer_is_not_refilled_before_its_copy_has_left(processed):
+    split = load_split(processed, "train")
+    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
+    expected = [b["image_features"]["pooled"].clone()
+                for b in Batches(split, 50, "cuda", features=features, on_device=True)]
+    kept = []
+    for batch in Batches(split, 50, "cuda", features=features, on_device=False):
+        # the next batch's copy queues behind this sleep while the batch after it fills the buffer:
+        # without the event synchronize, a kept batch would hold a later batch's rows
+        torch.cuda._sleep(50_000_000)
+        kept.append(batch["image_features"]["pooled"])
+    torch.cuda.synchronize()
+    assert len(kept) == len(expected)
+    for got, want in zip(kept, expected):
+        assert torch.equal(got, want)
 
 
 def test_ranks_are_dealt_rows_of_the_same_global_batches(processed):
@@ -312,3 +333,55 @@ def test_resume_of_an_older_optimizer_layout_is_one_line(runs, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "parameter groups" in err and "--run" in err
     assert read_log(tmp_path / "model_a" / "log.csv") == read_log(runs / "model_a" / "log.csv")
+
+
+def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, tmp_path, capsys):
+    common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir",
+              str(tmp_path / "cache"), "--cosine", *TINY]
+    assert train.main([*common, "--epochs", "1"]) == 0
+    before = (tmp_path / "model_a" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main([*common, "--epochs", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "--cosine" in err
+    assert (tmp_path / "model_a" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--epochs", "0"], ["--device", "gpu"],
+                                   ["--modality-dropout", "1.5"]])
+def test_bad_values_are_one_line_and_write_nothing(flags, processed, tmp_path, capfd):
+    with pytest.raises(SystemExit) if flags[0] != "--device" else nullcontext():
+        code = train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path / "runs"), *flags])
+        assert code == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and flags[0] in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_modality_dropout_takes_one_input_never_both(processed):
+    split = {k: v[:2000] for k, v in load_split(processed, "train").items()}
+    batch = next(iter(Batches(split, 2000, "cpu")))
+    blank = {"pooled": torch.full((1, 8), 7.0)}
+    torch.manual_seed(0)
+    dropped = train.drop_inputs(batch, 0.3, blank)
+    no_text = dropped["lengths"] == 0
+    no_image = (dropped["images"] == BLANK_PIXEL).flatten(1).all(1)
+    assert not (no_text & no_image).any()
+    # p for the text; (1 - p) p for the face
+    assert abs(no_text.float().mean() - 0.3) < 0.05 and abs(no_image.float().mean() - 0.21) < 0.05
+    assert (dropped["input_ids"][no_text] == 0).all()
+    assert torch.equal(dropped["images"][~no_image], batch["images"][~no_image])
+    cached = {**{k: v for k, v in batch.items() if k != "images"},
+              "image_features": {"pooled": torch.zeros(len(batch["labels"]), 8, dtype=torch.float16)}}
+    torch.manual_seed(0)
+    features = train.drop_inputs(cached, 0.3, blank)["image_features"]["pooled"]
+    assert torch.equal(features[:, 0] == 7, no_image)
+
+
+def test_best_checkpoint_is_calibrated_with_its_val_ablation(runs):
+    _, _, info = load_checkpoint(runs / "model_b" / "best.pt")
+    assert info["temperature"] > 0 and info["temperature"] != 1.0
+    ablation = info["metrics"]["val_ablation"]
+    assert set(ablation) == {"full", "no text", "shuffled text", "no image", "shuffled image"}
+    # the tiny runs read the texts: taking them away costs most of the accuracy
+    assert ablation["no text"] < ablation["full"] - 0.15
