@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import demo
+import explain
 from tokenizer import encode_texts
 from data import BLANK_PIXEL, CLASSES
 from images import detect_faces, read_image
@@ -202,20 +203,20 @@ def test_token_effects_match_leaving_each_token_out(runs, model):
     input_ids, lengths = encode_texts(tokenizer, ["i am feeling so happy about it"], model.cfg.max_len)
     n = int(lengths[0])
     temperature = info["temperature"]
-    effects, heat = demo.explain_text(model, crop, input_ids, n, 3, "cpu", temperature=temperature)
+    effects, heat = explain.explain_text(model, crop, input_ids, n, 3, "cpu", temperature=temperature)
     # The same sentences, each without one token, as ordinary predictions from the images.
     without = torch.stack([torch.cat([input_ids[0, :i], input_ids[0, i + 1:n], input_ids[0, :1] * 0])
                            for i in range(n)])  # (n, n): right-padded
-    full = demo.predict(model, crop[None], input_ids, lengths, "cpu", temperature=temperature)[0, 3]
-    alone = demo.predict(model, crop.expand(n, -1, -1), without, torch.full((n,), n - 1), "cpu",
-                         temperature=temperature)[:, 3]
+    full = explain.predict(model, crop[None], input_ids, lengths, "cpu", temperature=temperature)[0, 3]
+    alone = explain.predict(model, crop.expand(n, -1, -1), without, torch.full((n,), n - 1), "cpu",
+                            temperature=temperature)[:, 3]
     assert effects.tolist() == pytest.approx((full - alone).tolist(), abs=1e-5)
     if model.cfg.arch == "b":  # 64 px trunk input: a 2 x 2 region grid, a distribution over it
         assert heat.shape == (2, 2) and float(heat.sum()) == pytest.approx(1.0, abs=1e-5)
     else:
         assert heat is None
-        occlusion = demo.occlusion_map(model, crop, input_ids, lengths, 3, "cpu", temperature=temperature)
-        assert occlusion.shape == (demo.OCCLUSION_GRID, demo.OCCLUSION_GRID) and occlusion.abs().max() > 0
+        occlusion = explain.occlusion_map(model, crop, input_ids, lengths, 3, "cpu", temperature=temperature)
+        assert occlusion.shape == (explain.OCCLUSION_GRID, explain.OCCLUSION_GRID) and occlusion.abs().max() > 0
 
 
 def test_explain_to_a_path_that_cannot_be_written(runs, tmp_path, capsys):
@@ -378,8 +379,8 @@ def test_a_long_sentence_is_cut_with_a_warning(runs, tmp_path, capsys):
 def test_sentence_lines_wrap_and_show_where_the_sentence_was_cut():
     text = "word " * 60 + "x" * 100 + " end"
     offsets = [(5 * i, 5 * i + 4) for i in range(10)]
-    lines = demo.sentence_lines(text, offsets, torch.linspace(-0.2, 0.2, 10), cut=True)
-    assert all(sum(len(piece) for piece, _ in line) <= demo.WRAP for line in lines) and len(lines) > 4
+    lines = explain.sentence_lines(text, offsets, torch.linspace(-0.2, 0.2, 10), cut=True)
+    assert all(sum(len(piece) for piece, _ in line) <= explain.WRAP for line in lines) and len(lines) > 4
     pieces = [piece for line in lines for piece in line]
     assert "".join(piece for piece, _ in pieces) == text[:49] + " |" + text[49:]
     styles = [style for _, style in pieces]
