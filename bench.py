@@ -26,7 +26,7 @@ import torch
 
 from checkpoints import load_checkpoint, save_checkpoint
 from data import Batches, cached_features
-from demo import predict
+from explain import predict
 from metrics import evaluate
 from models import ModelConfig, build_model
 from runtime import DataError, autocast, pick_device, positive_int, script_parser
