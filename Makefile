@@ -29,19 +29,32 @@ else
   TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
 endif
 
-.PHONY: install data train eval demo bench test test-fast quickstart clean
+.PHONY: install ready data train eval demo bench test test-fast quickstart clean
 
 # .venv: made once, and the requirements installed again whenever requirements.txt changes.
+# A .venv without a working pip (made where python3-venv was missing) is removed, not reused.
 .venv/installed: requirements.txt
-	test -x .venv/bin/python || python3 -m venv .venv || { echo "error: 'python3 -m venv' failed: install it (Debian/Ubuntu: sudo apt install python3-venv) or activate an environment" >&2; exit 2; }
+	@if test -e .venv && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then \
+	  echo "note: .venv has no working pip (made without python3-venv?): removing it and making it again" >&2; \
+	  rm -rf .venv; fi
+	test -x .venv/bin/python || python3 -m venv .venv || { rm -rf .venv; echo "error: 'python3 -m venv' failed: install it (Debian/Ubuntu: sudo apt install python3-venv) or activate an environment" >&2; exit 2; }
 	.venv/bin/python -m pip install --quiet --requirement requirements.txt
 	touch $@
 
+# In an active environment `make install` changes that environment (it pins
+# opencv-python-headless<5 and kaggle<2.3 there), so it says so first; `make quickstart`
+# installs only when an import is missing.
 ifdef SETUP
 install: $(SETUP)
+ready: $(SETUP)
 else
 install:
+	@echo "note: installing requirements.txt into the active environment ($(VIRTUAL_ENV)$(CONDA_PREFIX)): opencv-python-headless<5 and kaggle<2.3 there" >&2
 	$(PYTHON) -m pip install --quiet --requirement requirements.txt
+ready:
+	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+	  torch torchvision numpy PIL tokenizers sklearn matplotlib tqdm cv2 kaggle six pytest \
+	  || $(MAKE) --no-print-directory install
 endif
 
 # --faces only with the download: prepare_data.py refuses a flag its source does not read.
@@ -76,7 +89,7 @@ test-fast: $(SETUP)
 # Synthetic data, both models trained briefly on a random trunk (no download), Model A's
 # image-only and text-only baselines, a comparison table with 95 % intervals, the
 # ablation, and the demo on a real photo with its explanation: minutes on a laptop CPU.
-quickstart: install
+quickstart: ready
 	$(PYTHON) prepare_data.py --source synthetic --raw-dir $(QUICK)/raw --out $(QUICK)/processed
 	$(PYTHON) train.py --model a --run-name quickstart_a $(QUICK_TRAIN)
 	$(PYTHON) train.py --model b --run-name quickstart_b $(QUICK_TRAIN)
