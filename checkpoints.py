@@ -36,8 +36,9 @@ def _check_storable(value, where: str) -> None:
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_storable(item, f"{where}[{index}]")
+    # exact types: numpy scalars are refused on load
     elif not (value is None or isinstance(value, (torch.Tensor, torch.dtype))
-              or type(value) in (str, int, float, bool)):  # exact types: numpy scalars are refused on load
+              or type(value) in (str, int, float, bool)):
         raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint stores only tensors, dicts, "
                         "lists, str, int, float, bool and None")
 
@@ -47,12 +48,14 @@ def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: 
                     temperature: float = 1.0) -> None:
     """Write a self-contained checkpoint atomically: a crash never leaves a half-written file.
     `temperature`: the logits' divisor fitted on val after training (1.0: not calibrated)."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: store the plain names
+    # a torch.compile wrapper: store the plain names
+    model = getattr(model, "_orig_mod", model)
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(model.cfg),
         "model": model.state_dict(), "tokenizer": tokenizer_json, "classes": list(classes),
         "image_size": image_size, "metrics": metrics, "args": args or {}, "train_state": train_state,
-        "temperature": float(temperature), "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+        "temperature": float(temperature),
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
                      "tokenizers": tokenizers.__version__},
     }
     _check_storable(checkpoint, "checkpoint")
@@ -72,8 +75,10 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, pickle or weights_only errors: all mean "not one of ours"
-        if "Weights only load failed" in str(err):  # torch's own text invites an unsafe load: do not echo it
+    # zip, pickle or weights_only errors: all mean "not one of ours"
+    except Exception as err:
+        # torch's own text invites an unsafe load: do not echo it
+        if "Weights only load failed" in str(err):
             raise CheckpointError(f"{path}: holds pickled Python objects, which are never loaded; "
                                   "not a checkpoint of this project") from err
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({one_line(err)})") from err
@@ -91,7 +96,8 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(checkpoint["model"])
         tokenizer = tokenizers.Tokenizer.from_str(checkpoint["tokenizer"])
         classes = checkpoint["classes"]
-    except Exception as err:  # a config that does not build, weights that do not fit it, a bad tokenizer
+    # a config that does not build, weights that do not fit it, a bad tokenizer
+    except Exception as err:
         raise CheckpointError(f"{path}: broken checkpoint ({one_line(err)})") from err
     if tokenizer.get_vocab_size() != cfg.vocab_size:
         raise CheckpointError(f"{path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, "

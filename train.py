@@ -76,6 +76,9 @@ def build_parser():
     p.add_argument("--input-size", type=positive_int, default=224,
                    help="the trunk's input side: faces (prepare_data.py --image-size) are resized to it")
     p.add_argument("--no-pretrained", action="store_true", help="random trunk (offline use)")
+    p.add_argument("--trunk-from", metavar="CHECKPOINT",
+                   help="start the trunk from this checkpoint's, e.g. an image-only run fine-tuned on "
+                        "these faces; frozen (and cached) unless --finetune-backbone")
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the trunk too, on random views of each face (no cache)")
     p.add_argument("--no-cross-attention", action="store_true", help="Model B: concat only")
@@ -153,8 +156,10 @@ class Counters:
 @dataclass
 class Run:
     """What travels from epoch to epoch: the model and what trains it, the batches, the counters."""
-    model: nn.Module  # owns the parameters: what checkpoints store
-    step_model: nn.Module  # what each step calls: the model, compiled and/or DDP-wrapped
+    # owns the parameters: what checkpoints store
+    model: nn.Module
+    # what each step calls: the model, compiled and/or DDP-wrapped
+    step_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     mixed_precision: object  # a torch.autocast context
@@ -170,15 +175,36 @@ def build(args, meta, tokenizer, device, run_dir):
     """The model, and the train state when resuming from last.pt."""
     if args.resume:
         model, _, info = load_checkpoint(run_dir / "last.pt", device)
-        check_compatible(info, tokenizer, meta)  # the data may have been prepared again since
+        # the data may have been prepared again since
+        check_compatible(info, tokenizer, meta)
         return model, info["train_state"]
+    # --finetune-backbone's recipe includes random views of each face (augment)
     cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]), max_len=meta["max_len"],
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
-                      pretrained=not args.no_pretrained, finetune=args.finetune_backbone,
+                      pretrained=not (args.no_pretrained or args.trunk_from), finetune=args.finetune_backbone,
                       n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
                       cross_attention=not args.no_cross_attention, modality=args.modality,
-                      augment=args.finetune_backbone)  # the fine-tuning recipe's random views
-    return build_model(cfg).to(device), None
+                      augment=args.finetune_backbone)
+    model = build_model(cfg)
+    if args.trunk_from:
+        load_trunk(model, args.trunk_from, meta)
+    return model.to(device), None
+
+
+def load_trunk(model, path, meta):
+    """Start `model`'s trunk from the trunk of the checkpoint at `path`: typically an image-only
+    run that fine-tuned it on these faces, so that fused runs can train on its cached features."""
+    source, _, info = load_checkpoint(path)
+    if source.image_encoder is None:
+        raise DataError(f"--trunk-from {path}: a text-only checkpoint has no trunk")
+    trained_at = info["config"]["input_size"]
+    if trained_at != model.cfg.input_size:
+        raise DataError(f"--trunk-from {path}: its trunk was trained at input {trained_at}, this run "
+                        f"has --input-size {model.cfg.input_size}: pass --input-size {trained_at}")
+    if info["image_size"] != meta["image_size"]:
+        raise DataError(f"--trunk-from {path}: its trunk saw {info['image_size']}px faces, the data has "
+                        f"{meta['image_size']}px: use the data it was trained on")
+    model.image_encoder.trunk.load_state_dict(source.image_encoder.trunk.state_dict())
 
 
 def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
@@ -277,7 +303,9 @@ def start(args, given, run_dir):
         feeding = "cached features" if uses_cache(args, model) else "images through the trunk"
         print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {AMP_NAMES[amp_dtype]} | {feeding}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
-        if not model.cfg.pretrained:
+        if args.trunk_from:
+            print(f"trunk: from {args.trunk_from}")
+        elif not model.cfg.pretrained and model.uses_image:
             print("note: random trunk (--no-pretrained): image features are not ImageNet's")
     train_batches, val_batches, cache_seconds = make_batches(args, model, device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale, device)
