@@ -43,5 +43,30 @@ def runs(processed, tmp_path_factory):
     for model in ("a", "b"):
         assert train.main(["--model", model, "--data", str(processed), "--out", str(out),
                            "--cache-dir", str(cache), "--lr", "1e-3", "--epochs", str(EPOCHS[model]),
-                           "--warmup", str(WARMUP[model]), *TINY]) == 0
+                           "--warmup", str(WARMUP[model]), "--modality-dropout", "0", *TINY]) == 0
     return out
+
+
+# The slow tier's faces: more test faces per class (60), so that a class's recall moves in
+# steps of 1/60, and 100 training faces per class for the trunk to learn from.
+FACES = ["--source", "synthetic", "--synthetic-images", "100,30,60", "--synthetic-texts", "2400",
+         "--vocab-size", "800", "--max-len", "32"]
+
+
+@pytest.fixture(scope="session")
+def face_runs(tmp_path_factory):
+    """Models whose answers rest on the face: a trunk fine-tuned on the faces (an image-only
+    Model A run), then fused Model A runs on its cached features, with and without modality
+    dropout. -> the folder holding processed/, cache/ and runs/{image,fused,fused_md}/."""
+    root = tmp_path_factory.mktemp("faces")
+    assert prepare_data.main([*FACES, "--raw-dir", str(root / "raw"), "--out", str(root / "processed")]) == 0
+    common = ["--model", "a", "--data", str(root / "processed"), "--out", str(root / "runs"),
+              "--cache-dir", str(root / "cache"), "--no-pretrained", "--input-size", "48",
+              "--batch-size", "32", "--lr", "1e-3", "--warmup", "30"]
+    assert train.main([*common, "--run-name", "image", "--modality", "image", "--finetune-backbone",
+                       "--cosine", "--label-smoothing", "0.1", "--epochs", "15"]) == 0
+    trunk = str(root / "runs" / "image" / "best.pt")
+    for name, p in (("fused", "0"), ("fused_md", "0.3")):
+        assert train.main([*common, "--run-name", name, "--trunk-from", trunk, "--modality-dropout", p,
+                           "--epochs", "10"]) == 0
+    return root

@@ -3,11 +3,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY
 from checkpoints import load_checkpoint
+from conftest import ROOT, TINY
+from data import Batches, load_split
+from metrics import evaluate
 from test_train import TIMING, read_log
 
 
@@ -70,3 +73,47 @@ def test_the_cuda_path_converts_a_training_trunk_to_syncbatchnorm():
                                            (small_model("b", finetune=True), "cuda", 1)):
         kept = sync_batchnorm(model, device_type, world_size=world_size)
         assert torch.nn.SyncBatchNorm not in {type(m) for m in kept.modules()}
+
+
+# Runs train.py with every rank saving its own copy of the model at each checkpoint.
+EVERY_RANK = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+from distributed import RANK
+
+def save(run_dir, run, improved, about, device):
+    state = {{name: value.clone() for name, value in run.model.state_dict().items()}}
+    torch.save(state, f"{{run_dir}}/rank{{RANK}}-epoch{{run.counters.epoch}}.pt")
+    return keep(run_dir, run, improved, about, device)
+
+keep = train.save
+train.save = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_finetune_the_trunk_hold_one_model(processed, tmp_path):
+    # BatchNorm trains with the trunk: each rank's running statistics move with its own slice,
+    # so without agreement the ranks would score val with different models.
+    script = tmp_path / "every_rank.py"
+    script.write_text(EVERY_RANK.format(root=str(ROOT)))
+    run_dir = tmp_path / "runs" / "finetune"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         "--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
+         "--finetune-backbone", "--epochs", "2", "--out", str(tmp_path / "runs"), "--run-name", "finetune",
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for epoch in (1, 2):
+        ranks = [torch.load(run_dir / f"rank{rank}-epoch{epoch}.pt") for rank in (0, 1)]
+        assert any("running_mean" in name for name in ranks[0])
+        for name, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][name]), (epoch, name)
+    # the val score that chose best.pt is the score of the model in best.pt, scored alone
+    model, _, info = load_checkpoint(run_dir / "best.pt")
+    val = evaluate(model, Batches(load_split(processed, "val"), 256, "cpu"))
+    assert val["macro_f1"] == pytest.approx(info["metrics"]["best_val_macro_f1"], abs=1e-6)

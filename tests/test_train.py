@@ -385,3 +385,36 @@ def test_best_checkpoint_is_calibrated_with_its_val_ablation(runs):
     assert set(ablation) == {"full", "no text", "shuffled text", "no image", "shuffled image"}
     # the tiny runs read the texts: taking them away costs most of the accuracy
     assert ablation["no text"] < ablation["full"] - 0.15
+
+
+def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path, capsys):
+    common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+              "--epochs", "1", *TINY]
+    source = runs / "model_a" / "best.pt"
+    assert train.main(["--model", "b", "--trunk-from", str(source), *common]) == 0
+    assert "trunk: from" in capsys.readouterr().out
+    trained, _, info = load_checkpoint(tmp_path / "model_b" / "last.pt")
+    donor, _, _ = load_checkpoint(source)
+    # a frozen trunk: the whole run kept the donor's weights and BatchNorm statistics
+    assert trained.feature_fingerprint() != small_model("b", processed).feature_fingerprint()
+    for (name, mine), (_, theirs) in zip(trained.image_encoder.trunk.state_dict().items(),
+                                         donor.image_encoder.trunk.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    assert info["args"]["trunk_from"] == str(source)
+
+
+@pytest.mark.parametrize("problem", ["text-only", "input size"])
+def test_trunk_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, processed, tmp_path, capsys):
+    source = runs / "model_a" / "best.pt"
+    if problem == "text-only":
+        text_run = tmp_path / "text"
+        assert train.main(["--model", "a", "--modality", "text", "--data", str(processed), "--out", str(tmp_path),
+                           "--run-name", "text", "--epochs", "1", *TINY]) == 0
+        source = text_run / "best.pt"
+    size = "96" if problem == "input size" else "64"
+    capsys.readouterr()
+    assert train.main(["--model", "a", "--trunk-from", str(source), "--data", str(processed), "--out",
+                       str(tmp_path / "runs"), "--epochs", "1", *TINY, "--input-size", size]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --trunk-from")
+    assert not (tmp_path / "runs").exists()
