@@ -232,7 +232,9 @@ def save_explanation(path, model, tokenizer, info, checkpoint, inputs, probs, de
     sentence_inches = 0.8 + LINE_INCHES * len(lines)
     fig = plt.figure(figsize=(13, 5.2 + sentence_inches))
     grid = fig.add_gridspec(2, 3, height_ratios=[5.2, sentence_inches], width_ratios=[1.2, 1, 1.1])
-    random_trunk = model.uses_image and not cfg.pretrained and not cfg.finetune
+    # a trunk taken from another run (train.py --trunk-from) has learned the faces there
+    learned = cfg.pretrained or cfg.finetune or (info.get("args") or {}).get("trunk_from")
+    random_trunk = model.uses_image and not learned
     mark = " [random trunk: not pretrained, not fine-tuned]" if random_trunk else ""
     fig.suptitle(f"Model {cfg.arch.upper()}, {MODALITY_NAMES[cfg.modality]}{mark}: {checkpoint}", fontsize=11)
     draw_photo(fig.add_subplot(grid[0, 0]), inputs, name, model.uses_image)

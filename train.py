@@ -62,9 +62,10 @@ def build_parser():
     p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
     p.add_argument("--modality", choices=["both", "image", "text"], default="both",
                    help="image or text: the same branch and head on one input (a baseline)")
-    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+    p.add_argument("--modality-dropout", type=float, default=0.2, metavar="P",
                    help="a fused model's pair loses its sentence with probability P, or else its face "
-                        "with probability P (never both), so that one input alone is something it knows")
+                        "with probability P (never both), so that one input alone is something it knows; "
+                        "0 trains on full pairs only, as the reference")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (linear)")
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")

@@ -18,7 +18,8 @@ def test_two_processes_train_as_one(processed, tmp_path):
     # Model A with head dropout 0 has no randomness inside a step, so the ranks' slices of each
     # global batch must add up to the one-process step. Batches of 25 over 420 pairs split
     # 13 + 12 (and the last, 20, as 10 + 10): the loss scaling must make uneven slices exact.
-    common = ["--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0"]
+    common = ["--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
+              "--modality-dropout", "0"]
     assert train.main([*common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1"),
                        "--epochs", "2"]) == 0
     # as the README's torchrun commands: a run name, then --resume
@@ -104,7 +105,7 @@ def test_ranks_that_finetune_the_trunk_hold_one_model(processed, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          "--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
-         "--finetune-backbone", "--epochs", "2", "--out", str(tmp_path / "runs"), "--run-name", "finetune",
+         "--finetune-backbone", "--modality-dropout", "0", "--epochs", "2", "--out", str(tmp_path / "runs"), "--run-name", "finetune",
          "--cache-dir", str(tmp_path / "cache")],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
