@@ -31,7 +31,7 @@ from metrics import evaluate
 from models import ModelConfig, build_model
 from runtime import DataError, autocast, pick_device, positive_int, script_parser
 from tokenizer import encode_texts
-from train import Run, make_optimizer, train_epoch
+from training import Run, make_optimizer, train_epoch
 
 
 def fake_split(n, image_size, max_len, vocab_size, classes, seed):

@@ -15,24 +15,21 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from checkpoints import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, gather, sync_batchnorm
-from metrics import ablations, calibration_error, evaluate, fit_temperature, plot_curves, scores, temper
-from models import ModelConfig, PretrainedWeightsError, build_model, default_backbone_lr_scale, describe, \
-    parameter_groups
-from runtime import DataError, atomic_write, autocast, pick_device, positive_int, progress, script_parser
+from metrics import evaluate, plot_curves, scores
+from models import ModelConfig, PretrainedWeightsError, build_model, describe
+from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
+from training import Run, blank_face_features, calibrate, lr_factor, make_optimizer, restore, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -110,16 +107,6 @@ def parse_args(argv=None):
     return args, {name for name, value in vars(given).items() if value is not unset}
 
 
-def lr_factor(step, total_steps, args):
-    """Linear warmup, then constant (the reference) or cosine to zero."""
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    if not args.cosine:
-        return 1.0
-    progress = (step - args.warmup) / max(1, total_steps - args.warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def resume_args(args, given, run_dir):
     """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
     this command line; any other given flag that differs would silently change the run."""
@@ -140,36 +127,6 @@ def resume_args(args, given, run_dir):
                         "resume with its own --epochs, or start a new run with --run-name NAME")
     kept = {name: value for name, value in saved.items() if name in vars(args) and name not in given}
     return argparse.Namespace(**{**vars(args), **kept, "out": args.out, "run_name": args.run_name})
-
-
-@dataclass
-class Counters:
-    """Where a run stands after `epoch` epochs; checkpointed, so a resume continues from it."""
-    epoch: int = 0
-    step: int = 0
-    best_f1: float = -1.0
-    # epochs since val macro-F1 last improved
-    stale: int = 0
-    # the epochs plus building the cache, for the results table
-    train_seconds: float = 0.0
-
-
-@dataclass
-class Run:
-    """What travels from epoch to epoch: the model and what trains it, the batches, the counters."""
-    # owns the parameters: what checkpoints store
-    model: nn.Module
-    # what each step calls: the model, compiled and/or DDP-wrapped
-    step_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    mixed_precision: object  # a torch.autocast context
-    train_batches: Batches
-    val_batches: Batches | None
-    counters: Counters = field(default_factory=Counters)
-    rows: list = field(default_factory=list)  # log.csv's rows so far, as written there
-    # the blank face's cached features, for --modality-dropout from the cache
-    blank_features: dict | None = None
 
 
 def build(args, meta, tokenizer, device, run_dir):
@@ -208,16 +165,6 @@ def load_trunk(model, path, meta):
     model.image_encoder.trunk.load_state_dict(source.image_encoder.trunk.state_dict())
 
 
-def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
-    """AdamW over models.parameter_groups: no weight decay on biases, norms and embeddings."""
-    if backbone_lr_scale is None:
-        backbone_lr_scale = default_backbone_lr_scale(model.cfg)
-    groups = parameter_groups(model, lr, weight_decay, backbone_lr_scale)
-    # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
-    # the device (the unfused step reads it with .item(), a host sync every step)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda")
-
-
 def make_batches(args, model, device):
     """Train and val batches (val split across ranks) and the seconds spent on the cache."""
     train_split = load_split(args.data, "train")
@@ -250,27 +197,6 @@ def make_batches(args, model, device):
 def uses_cache(args, model):
     """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
     return model.cacheable and not args.no_cache
-
-
-def restore(state, run, device):
-    """Exact resume: every source of randomness picks up where it was. Sets run.counters."""
-    saved = len(state["optimizer"]["param_groups"])
-    made = len(run.optimizer.param_groups)
-    if saved != made:
-        raise DataError(f"cannot resume: last.pt's optimizer has {saved} parameter groups, this train.py "
-                        f"makes {made} (it was saved by an older version): start a new run with --run-name NAME")
-    run.optimizer.load_state_dict(state["optimizer"])
-    # empty when saved without fp16 (CPU, bf16): the new scaler starts fresh
-    if state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
-    run.train_batches.generator.set_state(state["rng_batches"])
-    # a rank the saved run did not have keeps its own seed
-    if RANK < len(state["rng"]):
-        rng = state["rng"][RANK]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
-    run.counters = Counters(**{f.name: state[f.name] for f in fields(Counters)})
 
 
 def start(args, given, run_dir):
@@ -341,73 +267,6 @@ def start(args, given, run_dir):
     return args, run, about
 
 
-def drop_inputs(batch, p, blank_features=None):
-    """Modality dropout: each pair loses its sentence with probability p, or else its face with
-    probability p, never both. A lost sentence is the empty text and a lost face the blank one
-    (data.BLANK_PIXEL): the inputs the ablation and the demo give a model for a missing one."""
-    labels = batch["labels"]
-    draws = torch.rand(2, len(labels), device=labels.device)
-    no_text = draws[0] < p
-    no_image = ~no_text & (draws[1] < p)
-    batch = dict(batch)
-    batch["input_ids"] = batch["input_ids"].masked_fill(no_text.unsqueeze(1), 0)
-    batch["lengths"] = batch["lengths"].masked_fill(no_text.to(batch["lengths"].device), 0)
-    if "images" in batch:
-        batch["images"] = batch["images"].masked_fill(no_image[:, None, None], BLANK_PIXEL)
-    else:
-        features = {}
-        for name, value in batch["image_features"].items():
-            lost = no_image.view(-1, *[1] * (value.dim() - 1))
-            features[name] = torch.where(lost, blank_features[name].to(value.dtype), value)
-        batch["image_features"] = features
-    return batch
-
-
-def blank_face_features(model, image_size, device):
-    """The blank face's features (1, ...) from a frozen trunk: what a lost face is in the cache."""
-    blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
-    model.eval()
-    with torch.no_grad():
-        return model.image_features(blank)
-
-
-def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_at=lambda step: 1.0,
-                desc="train", show_progress=True):
-    """One pass over run.train_batches -> (predictions, labels, summed loss), all on the device:
-    nothing in the loop waits for it. Advances run.counters.step."""
-    optimizer = run.optimizer
-    scaler = run.scaler
-    run.step_model.train()
-    loss_sum = torch.zeros((), device=run.train_batches.device)
-    preds = []
-    labels = []
-    for batch in progress(run.train_batches, desc, enabled=show_progress):
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(run.counters.step)
-        if modality_dropout > 0:
-            batch = drop_inputs(batch, modality_dropout, run.blank_features)
-        with run.mixed_precision:
-            logits = run.step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                                    image_features=batch.get("image_features"))
-            summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
-                                     label_smoothing=label_smoothing)
-        # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean
-        # over the whole global batch, even when the ranks' slices differ in size
-        scaler.scale(summed * (WORLD_SIZE / batch["global_size"])).backward()
-        if clip > 0:
-            # clip the true gradients, not the fp16-scaled ones
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        run.counters.step += 1
-        loss_sum += summed.detach()
-        preds.append(logits.argmax(1))
-        labels.append(batch["labels"])
-    return torch.cat(preds), torch.cat(labels), loss_sum
-
-
 def epoch_row(epoch, train_part, val_part, lr, seconds, num_classes):
     """The log row of one epoch from (labels, preds, summed loss) of train and of val."""
     labels, preds, loss_sum = train_part
@@ -461,33 +320,6 @@ def interrupted(args, run_dir, epoch):
         return f"interrupted in epoch {epoch}, before any checkpoint: nothing to resume"
     return (f"interrupted in epoch {epoch}: {run_dir / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n"
             f"  python train.py --model {args.model} --out {args.out} --run-name {args.run_name} --resume")
-
-
-def calibrate(run_dir, args, device, mixed_precision):
-    """best.pt gets the temperature that calibrates its val probabilities (Guo et al., 2017), and
-    its val accuracy with each input taken away: what the demo quotes for a model that never saw
-    a missing input. Rank 0 alone, after training."""
-    model, _, info = load_checkpoint(run_dir / "best.pt", device)
-    split = load_split(args.data, "val")
-    features = None
-    if uses_cache(args, model):
-        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=False,
-                                      amp=args.amp, show_progress=False)
-
-    def scored(pairs, pair_features):
-        return evaluate(model, Batches(pairs, 256, device, features=pair_features), mixed_precision)
-
-    val = scored(split, features)
-    temperature = fit_temperature(val["log_probs"], val["labels"])
-    ablation = {"full": val["accuracy"]}
-    for name, result in ablations(model, split, features, scored).items():
-        ablation[name] = result["accuracy"]
-    save_checkpoint(run_dir / "best.pt", model, tokenizer_json=info["tokenizer"], classes=info["classes"],
-                    image_size=info["image_size"], metrics={**info["metrics"], "val_ablation": ablation},
-                    args=info["args"], temperature=temperature)
-    before = calibration_error(val["log_probs"], val["labels"])
-    after = calibration_error(temper(val["log_probs"], temperature), val["labels"])
-    print(f"calibrated on val: temperature {temperature:.3f}, ECE {before:.4f} -> {after:.4f}")
 
 
 def train(args, given):

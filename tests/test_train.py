@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+import training
 from conftest import EPOCHS, TINY
 from checkpoints import load_checkpoint
 from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
@@ -158,11 +159,11 @@ def test_resume_skips_an_empty_scaler_state(runs, processed):
     state = info["train_state"]
     assert state["scaler"] == {}
     args, _ = train.parse_args(["--model", "a"])
-    optimizer = train.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
+    optimizer = training.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     batches = Batches(load_split(processed, "val"), 32, "cpu")
-    run = train.Run(model, model, optimizer, scaler, nullcontext(), batches, None)
-    train.restore(state, run, torch.device("cpu"))
+    run = training.Run(model, model, optimizer, scaler, nullcontext(), batches, None)
+    training.restore(state, run, torch.device("cpu"))
     counters = run.counters
     assert counters.epoch == EPOCHS["a"] and scaler.get_scale() == 2.0 ** 10
 
@@ -298,7 +299,7 @@ def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
         args, _ = train.parse_args(["--model", "a", "--finetune-backbone", "--lr", "1e-3", *TINY, *extra])
         model, _ = train.build(args, meta, tokenizer, torch.device("cpu"), tmp_path)
         assert model.cfg.augment and not train.uses_cache(args, model)
-        optimizer = train.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
+        optimizer = training.make_optimizer(model, args.lr, args.weight_decay, args.backbone_lr_scale)
         lrs[tuple(extra)] = {group["name"]: group["lr"] for group in optimizer.param_groups}
     # a random trunk (--no-pretrained) learns at the head's rate unless told otherwise
     assert lrs[()] == {"head": 1e-3, "head no decay": 1e-3, "trunk": 1e-3, "trunk no decay": 1e-3}
@@ -312,9 +313,9 @@ def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
     with torch.no_grad():
         logits = model.train()(batch["input_ids"], batch["lengths"], images=batch["images"])
     expected = F.cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=0.1)
-    optimizer = train.make_optimizer(model, lr=0)
-    run = train.Run(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), batches, None)
-    _, _, loss_sum = train.train_epoch(run, label_smoothing=0.1, show_progress=False)
+    optimizer = training.make_optimizer(model, lr=0)
+    run = training.Run(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), batches, None)
+    _, _, loss_sum = training.train_epoch(run, label_smoothing=0.1, show_progress=False)
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     plain = F.cross_entropy(logits, batch["labels"], reduction="sum")
     assert abs(expected.item() - plain.item()) > 0.1  # the smoothing changes this batch's loss
@@ -363,7 +364,7 @@ def test_modality_dropout_takes_one_input_never_both(processed):
     batch = next(iter(Batches(split, 2000, "cpu")))
     blank = {"pooled": torch.full((1, 8), 7.0)}
     torch.manual_seed(0)
-    dropped = train.drop_inputs(batch, 0.3, blank)
+    dropped = training.drop_inputs(batch, 0.3, blank)
     no_text = dropped["lengths"] == 0
     no_image = (dropped["images"] == BLANK_PIXEL).flatten(1).all(1)
     assert not (no_text & no_image).any()
@@ -374,7 +375,7 @@ def test_modality_dropout_takes_one_input_never_both(processed):
     cached = {**{k: v for k, v in batch.items() if k != "images"},
               "image_features": {"pooled": torch.zeros(len(batch["labels"]), 8, dtype=torch.float16)}}
     torch.manual_seed(0)
-    features = train.drop_inputs(cached, 0.3, blank)["image_features"]["pooled"]
+    features = training.drop_inputs(cached, 0.3, blank)["image_features"]["pooled"]
     assert torch.equal(features[:, 0] == 7, no_image)
 
 
