@@ -339,6 +339,10 @@ def _write_cache(path, shape, share, first, rank):
                 for _, part, start in parts[1:]:
                     if part is not None:
                         for name, value in torch.load(part, weights_only=True, mmap=True).items():
+                            # rank 0 had no batch of its own when there are fewer batches than ranks
+                            if name not in share:
+                                share[name] = torch.empty((shape[0] * shape[1], *value.shape[1:]),
+                                                          dtype=torch.float16)
                             share[name][start:start + len(value)] = value
                 # a killed or concurrent run never leaves a half-written cache
                 with atomic_write(path) as tmp:

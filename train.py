@@ -373,8 +373,11 @@ def train(args, given):
     finally:
         if run.rows and MASTER:
             plot_curves(run.rows, run_dir / "curves.png")
+    # every rank: the cache's loading is collective under torchrun (rank 0 alone writes)
+    if WORLD_SIZE > 1:
+        dist.barrier()
+    calibrate(run_dir, args, device, run.mixed_precision)
     if MASTER:
-        calibrate(run_dir, args, device, run.mixed_precision)
         print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0
 

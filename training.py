@@ -165,7 +165,7 @@ def restore(state, run, device):
 def calibrate(run_dir, args, device, mixed_precision):
     """best.pt gets the temperature that calibrates its val probabilities (Guo et al., 2017), and
     its val accuracy with each input taken away: what the demo quotes for a model that never saw
-    a missing input. Rank 0 alone, after training."""
+    a missing input. Every rank computes it (the cache is loaded together); rank 0 writes."""
     model, _, info = load_checkpoint(run_dir / "best.pt", device)
     split = load_split(args.data, "val")
     features = None
@@ -181,6 +181,8 @@ def calibrate(run_dir, args, device, mixed_precision):
     ablation = {"full": val["accuracy"]}
     for name, result in ablations(model, split, features, scored).items():
         ablation[name] = result["accuracy"]
+    if RANK > 0:
+        return
     save_checkpoint(run_dir / "best.pt", model, tokenizer_json=info["tokenizer"], classes=info["classes"],
                     image_size=info["image_size"], metrics={**info["metrics"], "val_ablation": ablation},
                     args=info["args"], temperature=temperature)
