@@ -95,7 +95,7 @@ quickstart: ready
 	$(PYTHON) prepare_data.py --source synthetic --raw-dir $(QUICK)/raw --out $(QUICK)/processed
 	$(PYTHON) train.py --model a --run-name quickstart_a_image --modality image --finetune-backbone $(QUICK_TRAIN) --epochs 8 --lr 1e-3 --cosine --warmup 50 --label-smoothing 0.1
 	$(PYTHON) train.py --model a --run-name quickstart_a_text --modality text $(QUICK_TRAIN) --epochs 8 --lr 5e-4 --warmup 100
-	$(PYTHON) train.py --model a --run-name quickstart_a $(QUICK_FUSED) --epochs 6
+	$(PYTHON) train.py --model a --run-name quickstart_a $(QUICK_FUSED) --epochs 8
 	$(PYTHON) train.py --model b --run-name quickstart_b $(QUICK_FUSED) --epochs 4
 	rm -f results/quickstart.csv
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a_image/best.pt $(QUICK_EVAL)

@@ -1,0 +1,60 @@
+"""The README's commands: each one parses with its script's own parser, and no two recipes
+write into the same run folder or prepared-data folder."""
+import re
+import shlex
+
+import pytest
+
+import bench
+import demo
+import evaluate
+import prepare_data
+import train
+from conftest import ROOT
+
+PARSERS = {"prepare_data.py": prepare_data.parse_args, "train.py": train.parse_args,
+           "evaluate.py": evaluate.parse_args, "demo.py": demo.parse_args, "bench.py": bench.parse_args}
+
+
+def readme_commands():
+    """Every `python SCRIPT.py ...` or `torchrun ... train.py ...` command in the README's code
+    blocks, continuation lines joined and comments dropped -> [(script, argv, torchrun argv)]."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            scripts = [i for i, word in enumerate(words) if word in PARSERS]
+            if not scripts or words[0] not in ("python", "torchrun"):
+                continue
+            at = scripts[0]
+            commands.append((words[at], words[at + 1:], words[1:at] if words[0] == "torchrun" else None))
+    return commands
+
+
+def test_the_readme_has_commands_for_every_script():
+    assert {script for script, _, _ in readme_commands()} == set(PARSERS)
+
+
+@pytest.mark.parametrize("script, argv, launcher", readme_commands(),
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else str(value))
+def test_each_readme_command_parses(script, argv, launcher):
+    PARSERS[script](argv)
+    if launcher is not None:
+        from torch.distributed.run import get_args_parser
+        get_args_parser().parse_args([*launcher, "train.py", *argv])
+
+
+def test_no_two_readme_recipes_write_the_same_folder():
+    runs = []
+    prepared = []
+    for script, argv, _ in readme_commands():
+        if script == "train.py" and "--resume" not in argv:
+            args, _ = train.parse_args(argv)
+            runs.append((args.out, args.run_name))
+        if script == "prepare_data.py":
+            args, _ = prepare_data.parse_args(argv)
+            prepared.append(args.out)
+    assert runs and len(runs) == len(set(runs)), runs
+    assert prepared and len(prepared) == len(set(prepared)), prepared
