@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import train
 import training
 from conftest import EPOCHS, TINY
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from models import ModelConfig, build_model
 from runtime import autocast, progress
@@ -389,19 +389,24 @@ def test_best_checkpoint_is_calibrated_with_its_val_ablation(runs):
 
 
 def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path, capsys):
+    # a donor whose trunk is not what a fresh model of the same seed would draw
+    donor, _, info = load_checkpoint(runs / "model_a" / "best.pt")
+    with torch.no_grad():
+        donor.image_encoder.trunk[0].weight.mul_(1.5)
+    source = tmp_path / "donor.pt"
+    save_checkpoint(source, donor, tokenizer_json=info["tokenizer"], classes=info["classes"],
+                    image_size=info["image_size"], metrics={}, args=info["args"])
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
-    source = runs / "model_a" / "best.pt"
     assert train.main(["--model", "b", "--trunk-from", str(source), *common]) == 0
     assert "trunk: from" in capsys.readouterr().out
-    trained, _, info = load_checkpoint(tmp_path / "model_b" / "last.pt")
-    donor, _, _ = load_checkpoint(source)
-    # a frozen trunk: the whole run kept the donor's weights and BatchNorm statistics
+    trained, _, trained_info = load_checkpoint(tmp_path / "model_b" / "last.pt")
     assert trained.feature_fingerprint() != small_model("b", processed).feature_fingerprint()
+    # a frozen trunk: the whole run kept the donor's weights and BatchNorm statistics
     for (name, mine), (_, theirs) in zip(trained.image_encoder.trunk.state_dict().items(),
                                          donor.image_encoder.trunk.state_dict().items()):
         assert torch.equal(mine, theirs), name
-    assert info["args"]["trunk_from"] == str(source)
+    assert trained_info["args"]["trunk_from"] == str(source)
 
 
 @pytest.mark.parametrize("problem", ["text-only", "input size"])
