@@ -162,12 +162,20 @@ def ablations(model, split, features, scored, seed=0):
 
 
 @torch.inference_mode()
-def blank_features(model, split):
-    """The features of one blank image laid out as the cache holds them, float16 [2,N,...] on
-    the CPU: every pair and its mirror (a blank image is its own mirror) share one view."""
-    blank = torch.full_like(split["images"][:1], BLANK_PIXEL)
+def blank_face_features(model, image_size):
+    """The features (1, ...) of one blank face (data.BLANK_PIXEL), on the model's device: what a
+    missing face is to a model, in the ablation and in --modality-dropout from the cache."""
+    device = next(model.parameters()).device
+    blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
     model.eval()
-    features = model.image_features(blank.to(next(model.parameters()).device))
+    with torch.no_grad():
+        return model.image_features(blank)
+
+
+def blank_features(model, split):
+    """The blank face's features laid out as the cache holds them, float16 [2,N,...] on the
+    CPU: every pair and its mirror (a blank image is its own mirror) share one view."""
+    features = blank_face_features(model, split["images"].shape[-1])
     return {k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:]) for k, v in features.items()}
 
 

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from checkpoints import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, gather, sync_batchnorm
-from metrics import evaluate, plot_curves, scores
+from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, blank_face_features, calibrate, lr_factor, make_optimizer, restore, train_epoch
+from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -246,7 +246,7 @@ def start(args, given, run_dir):
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
     if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
-        run.blank_features = blank_face_features(model, meta["image_size"], device)
+        run.blank_features = blank_face_features(model, meta["image_size"])
     if state is not None:
         restore(state, run, device)
         # a resume drops the log rows of an epoch logged but never checkpointed

@@ -96,14 +96,6 @@ def drop_inputs(batch, p, blank_features=None):
     return batch
 
 
-def blank_face_features(model, image_size, device):
-    """The blank face's features (1, ...) from a frozen trunk: what a lost face is in the cache."""
-    blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
-    model.eval()
-    with torch.no_grad():
-        return model.image_features(blank)
-
-
 def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_at=lambda step: 1.0,
                 desc="train", show_progress=True):
     """One pass over run.train_batches -> (predictions, labels, summed loss), all on the device:
