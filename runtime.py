@@ -114,18 +114,24 @@ def pick_device(name="auto"):
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs whose oneDNN kernels compute bf16 natively."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def autocast(device, amp="auto"):
-    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the GPU computes
-    it natively (compute capability 8.0 on: A100, RTX 30xx and later), fp16 on older GPUs (T4,
-    V100: their bf16 is emulated and cuDNN has no bf16 convolutions; train.py adds a GradScaler),
-    and off on the CPU (CPU bf16 is slower than fp32 on most CPUs)."""
+    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the device
+    computes it natively: a GPU of compute capability 8.0 on (A100, RTX 30xx and later), or a
+    CPU with AVX512-BF16 or AMX (there a fine-tuning step runs 1.5x and a Model B step on cached
+    features 2.6x an fp32 one, at the same accuracy: docs/speed.md). fp16 on older GPUs (T4,
+    V100: their bf16 is emulated and cuDNN has no bf16 convolutions; train.py adds a
+    GradScaler), and off on other CPUs (emulated bf16 is slower than fp32)."""
     device = torch.device(device)
     if amp == "auto":
-        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        if device.type != "cuda":
-            amp = "off"
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
-            amp = "bf16" if native_bf16 else "fp16"
+            amp = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), dtype
 

@@ -3,8 +3,10 @@ a tiny run goes end to end. The bench itself is a measurement, never a timed tes
 import json
 
 import pytest
+import torch
 
 import bench
+from runtime import autocast
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--batch-size", "--repeats"])
@@ -42,5 +44,6 @@ def test_a_tiny_bench_runs_end_to_end(capsys):
     assert bench.main(["--samples", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
                        "--json"]) == 0
     figures = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert figures["samples"] == 4 and figures["dtype"] == "float32"
+    auto = autocast(torch.device("cpu"), "auto")[1] or torch.float32  # bf16 on a CPU with AVX512-BF16 or AMX
+    assert figures["samples"] == 4 and figures["dtype"] == str(auto).removeprefix("torch.")
     assert figures["cache_speedup"] > 0 and figures["demo_latency_ms"] > 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import runtime
 import train
 import training
 from conftest import EPOCHS, TINY
@@ -175,7 +176,9 @@ def test_amp_auto_takes_bf16_only_where_it_is_native(monkeypatch):
     assert autocast(cuda, "auto")[1] == torch.float16  # a T4 or V100: bf16 only emulated
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert autocast(cuda, "auto")[1] == torch.bfloat16  # compute capability 8.0 and later
-    assert autocast(torch.device("cpu"), "auto")[1] is None
+    for native, dtype in ((False, None), (True, torch.bfloat16)):  # AVX512-BF16 or AMX, or neither
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+        assert autocast(torch.device("cpu"), "auto")[1] == dtype
 
 
 def test_progress_lines_when_output_is_not_a_terminal(capsys):
