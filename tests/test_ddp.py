@@ -106,7 +106,8 @@ def test_ranks_that_finetune_the_trunk_hold_one_model(processed, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          "--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
-         "--finetune-backbone", "--modality-dropout", "0", "--epochs", "2", "--out", str(tmp_path / "runs"), "--run-name", "finetune",
+         "--finetune-backbone", "--modality-dropout", "0", "--amp", "off", "--epochs", "2",
+         "--out", str(tmp_path / "runs"), "--run-name", "finetune",
          "--cache-dir", str(tmp_path / "cache")],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -115,7 +116,8 @@ def test_ranks_that_finetune_the_trunk_hold_one_model(processed, tmp_path):
         assert any("running_mean" in name for name in ranks[0])
         for name, value in ranks[0].items():
             assert torch.equal(value, ranks[1][name]), (epoch, name)
-    # the val score that chose best.pt is the score of the model in best.pt, scored alone
+    # the val score that chose best.pt is the score of the model in best.pt, scored alone (fp32
+    # both, as the run was told)
     model, _, info = load_checkpoint(run_dir / "best.pt")
     val = evaluate(model, Batches(load_split(processed, "val"), 256, "cpu"))
     assert val["macro_f1"] == pytest.approx(info["metrics"]["best_val_macro_f1"], abs=1e-6)
