@@ -23,16 +23,17 @@ def test_two_processes_train_as_one(processed, tmp_path):
               "--modality-dropout", "0", "--amp", "off"]
     assert train.main([*common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1"),
                        "--epochs", "2"]) == 0
-    # as the README's torchrun commands: a run name, then --resume
+    # As the README's torchrun commands: a run name, then --resume. Its first epoch runs in this
+    # process, so one torchrun launch both resumes a run and trains an epoch on two ranks (rank 1,
+    # which the saved run did not have, keeps its own seed).
+    two = ["--out", str(tmp_path / "two"), "--run-name", "ddp", "--cache-dir", str(tmp_path / "cache2")]
+    assert train.main([*common, *two, "--epochs", "1"]) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "train.py", *common, "--out", str(tmp_path / "two"), "--run-name", "ddp",
-                "--cache-dir", str(tmp_path / "cache2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for more in (["--epochs", "1"], ["--epochs", "2", "--resume"]):  # a resume under torchrun too
-        done = subprocess.run([*torchrun, *more], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.count("| train loss") == 1  # rank 0 alone prints
+                "train.py", *common, *two, "--epochs", "2", "--resume"]
+    done = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| train loss") == 1  # rank 0 alone prints
     one, _, _ = load_checkpoint(tmp_path / "one/model_a/last.pt")
     two, _, info = load_checkpoint(tmp_path / "two/ddp/last.pt")
     assert info["train_state"]["epoch"] == 2 and len(info["train_state"]["rng"]) == 2
@@ -43,7 +44,7 @@ def test_two_processes_train_as_one(processed, tmp_path):
     assert len(logs[1]) == 2 and logs[0] == logs[1]  # metrics gathered over both ranks
     files = sorted(p.name for p in (tmp_path / "two/ddp").iterdir())
     assert files == ["args.json", "best.pt", "curves.png", "last.pt", "log.csv"]
-    assert len(list((tmp_path / "cache2").iterdir())) == 2  # train and val, built once
+    assert len(list((tmp_path / "cache2").iterdir())) == 2  # train and val, read by both ranks
 
 
 def test_no_train_flag_is_a_prefix_of_a_torchrun_option():
