@@ -158,8 +158,8 @@ def parse_args(argv=None):
                    help="pairs per training step and per cache-building batch")
     p.add_argument("--repeats", type=positive_int, default=30, help="demo predictions to take the median of")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision, as train.py: auto is bf16 where the GPU has it natively, fp16 "
-                        "on older GPUs, off on the CPU; bf16 or fp16 forces that type; off is fp32")
+                   help="mixed precision, as train.py: auto is bf16 where the GPU or CPU has it natively, "
+                        "fp16 on older GPUs, off on other CPUs; bf16 or fp16 forces that type; off is fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true",
                    help="end with one JSON object of every figure (cache_speedup among them)")

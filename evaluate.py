@@ -231,8 +231,8 @@ def parse_args(argv=None):
                    help="run the frozen trunk on every image instead of reading the feature cache")
     p.add_argument("--batch-size", type=positive_int, default=256, help="pairs per forward pass")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
-                   help="mixed precision: auto is bf16 where the GPU has it natively, fp16 on older "
-                        "GPUs, off on the CPU; None: the run's own train.py --amp (auto if it has none)")
+                   help="mixed precision: auto is bf16 where the GPU or CPU has it natively, fp16 on older "
+                        "GPUs, off on other CPUs; None: the run's own train.py --amp (auto if it has none)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return p.parse_args(argv)
 

@@ -84,8 +84,8 @@ def build_parser():
     p.add_argument("--no-flip", action="store_true", help="frozen trunk: no random horizontal flip")
     p.add_argument("--no-redraw", action="store_true", help="keep the prepared text of each image")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision: auto is bf16 where the GPU has it natively, fp16 on older GPUs, "
-                        "off on the CPU")
+                   help="mixed precision: auto is bf16 where the GPU or CPU has it natively (AVX512-BF16, "
+                        "AMX), fp16 on older GPUs, off on other CPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<run-name>/last.pt")
