@@ -168,8 +168,7 @@ def blank_face_features(model, image_size):
     device = next(model.parameters()).device
     blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
     model.eval()
-    with torch.no_grad():
-        return model.image_features(blank)
+    return model.image_features(blank)
 
 
 def blank_features(model, split):

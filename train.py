@@ -29,7 +29,7 @@ from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_b
 from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch
+from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch, uses_cache
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -192,11 +192,6 @@ def make_batches(args, model, device):
     # in order, each rank a contiguous share of val; all_ranks() puts the predictions together
     val_batches = Batches(val_split, 256, device, features=val_features, rank=RANK, world_size=WORLD_SIZE)
     return train_batches, val_batches, seconds
-
-
-def uses_cache(args, model):
-    """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
-    return model.cacheable and not args.no_cache
 
 
 def start(args, given, run_dir):

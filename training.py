@@ -54,6 +54,11 @@ class Run:
     blank_features: dict | None = None
 
 
+def uses_cache(args, model):
+    """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
+    return model.cacheable and not args.no_cache
+
+
 def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
     """AdamW over models.parameter_groups: no weight decay on biases, norms and embeddings."""
     if backbone_lr_scale is None:
@@ -157,13 +162,16 @@ def restore(state, run, device):
 def calibrate(run_dir, args, device, mixed_precision):
     """best.pt gets the temperature that calibrates its val probabilities (Guo et al., 2017), and
     its val accuracy with each input taken away: what the demo quotes for a model that never saw
-    a missing input. Every rank computes it (the cache is loaded together); rank 0 writes."""
+    a missing input. Every rank loads the val cache (a collective under torchrun); rank 0 alone
+    scores and writes."""
     model, _, info = load_checkpoint(run_dir / "best.pt", device)
     split = load_split(args.data, "val")
     features = None
-    if model.cacheable and not args.no_cache:
+    if uses_cache(args, model):
         features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=False,
                                       amp=args.amp, show_progress=False)
+    if RANK > 0:
+        return
 
     def scored(pairs, pair_features):
         return evaluate(model, Batches(pairs, 256, device, features=pair_features), mixed_precision)
@@ -173,8 +181,6 @@ def calibrate(run_dir, args, device, mixed_precision):
     ablation = {"full": val["accuracy"]}
     for name, result in ablations(model, split, features, scored).items():
         ablation[name] = result["accuracy"]
-    if RANK > 0:
-        return
     save_checkpoint(run_dir / "best.pt", model, tokenizer_json=info["tokenizer"], classes=info["classes"],
                     image_size=info["image_size"], metrics={**info["metrics"], "val_ablation": ablation},
                     args=info["args"], temperature=temperature)
