@@ -21,6 +21,8 @@ from runtime import atomic_write, one_line
 
 CHECKPOINT_FORMAT = "mm-emotion-checkpoint"
 CHECKPOINT_VERSION = 1
+# the ModelConfig fields that size a text branch (Model A's GRU, Model B's Transformer)
+TEXT_SIZES = ("embed_dim", "gru_hidden", "d_model", "n_layers", "n_heads", "d_ff")
 
 
 class CheckpointError(ValueError):
@@ -128,3 +130,43 @@ def check_compatible(info: dict, data_tokenizer, meta: dict) -> None:
         raise CheckpointError(f"the checkpoint reads texts of up to {info['config']['max_len']} tokens, the data "
                               f"holds up to {meta['max_len']} (meta.json): prepare the data with "
                               f"--max-len {info['config']['max_len']}, or retrain")
+
+
+def load_trunk(model: EmotionModel, path, meta: dict) -> None:
+    """Start `model`'s trunk from the trunk of the checkpoint at `path`: typically an image-only
+    run that fine-tuned it on these faces, so that fused runs can train on its cached features."""
+    source, _, info = load_checkpoint(path)
+    if source.image_encoder is None:
+        raise CheckpointError(f"--trunk-from {path}: a text-only checkpoint has no trunk")
+    trained_at = info["config"]["input_size"]
+    if trained_at != model.cfg.input_size:
+        raise CheckpointError(f"--trunk-from {path}: its trunk was trained at input {trained_at}, this run "
+                              f"has --input-size {model.cfg.input_size}: pass --input-size {trained_at}")
+    if info["image_size"] != meta["image_size"]:
+        raise CheckpointError(f"--trunk-from {path}: its trunk saw {info['image_size']}px faces, the data has "
+                              f"{meta['image_size']}px: use the data it was trained on")
+    model.image_encoder.trunk.load_state_dict(source.image_encoder.trunk.state_dict())
+
+
+def load_text_encoder(model: EmotionModel, path, data_tokenizer, meta: dict) -> None:
+    """Start `model`'s text branch from the one of the checkpoint at `path`: typically a text-only
+    run of the same model on these sentences. Trained from scratch beside the face, a fused
+    model's text branch learns less than it does alone (Wang et al., CVPR 2020); started
+    from that run it begins where the text-only model ended."""
+    source, _, info = load_checkpoint(path)
+    if not source.uses_text:
+        raise CheckpointError(f"--text-from {path}: an image-only checkpoint has no text branch")
+    if source.cfg.arch != model.cfg.arch:
+        raise CheckpointError(f"--text-from {path}: a Model {source.cfg.arch.upper()} checkpoint, and this "
+                              f"run trains Model {model.cfg.arch.upper()}: their text branches differ")
+    try:
+        check_compatible(info, data_tokenizer, meta)
+    except CheckpointError as err:
+        raise CheckpointError(f"--text-from {path}: {err}") from err
+    # n_heads splits the same tensors another way: compare the sizes, not only the shapes
+    differ = [f"{name} {info['config'][name]} (this run: {getattr(model.cfg, name)})" for name in TEXT_SIZES
+              if info["config"][name] != getattr(model.cfg, name)]
+    if differ:
+        raise CheckpointError(f"--text-from {path}: its text branch was built with {', '.join(differ)}: "
+                              "pass the sizes it was trained with (--layers, --heads)")
+    model.text_encoder.load_state_dict(source.text_encoder.state_dict())

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from checkpoints import (CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk,
+                         save_checkpoint)
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, gather, sync_batchnorm
 from metrics import blank_face_features, evaluate, plot_curves, scores
@@ -77,6 +78,9 @@ def build_parser():
     p.add_argument("--trunk-from", metavar="CHECKPOINT",
                    help="start the trunk from this checkpoint's, e.g. an image-only run fine-tuned on "
                         "these faces; frozen (and cached) unless --finetune-backbone")
+    p.add_argument("--text-from", metavar="CHECKPOINT",
+                   help="start the text branch from this checkpoint's, e.g. a text-only run of the same "
+                        "model on these sentences; it trains on with the rest")
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the trunk too, on random views of each face (no cache)")
     p.add_argument("--no-cross-attention", action="store_true", help="Model B: concat only")
@@ -100,6 +104,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.modality_dropout < 1:
         p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
+    if args.trunk_from and args.modality == "text":
+        p.error("--trunk-from with --modality text: a text-only model has no trunk")
+    if args.text_from and args.modality == "image":
+        p.error("--text-from with --modality image: an image-only model has no text branch")
     # Parsed again over a namespace of markers: a flag still holding its marker was not given.
     unset = object()
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
@@ -146,23 +154,9 @@ def build(args, meta, tokenizer, device, run_dir):
     model = build_model(cfg)
     if args.trunk_from:
         load_trunk(model, args.trunk_from, meta)
+    if args.text_from:
+        load_text_encoder(model, args.text_from, tokenizer, meta)
     return model.to(device), None
-
-
-def load_trunk(model, path, meta):
-    """Start `model`'s trunk from the trunk of the checkpoint at `path`: typically an image-only
-    run that fine-tuned it on these faces, so that fused runs can train on its cached features."""
-    source, _, info = load_checkpoint(path)
-    if source.image_encoder is None:
-        raise DataError(f"--trunk-from {path}: a text-only checkpoint has no trunk")
-    trained_at = info["config"]["input_size"]
-    if trained_at != model.cfg.input_size:
-        raise DataError(f"--trunk-from {path}: its trunk was trained at input {trained_at}, this run "
-                        f"has --input-size {model.cfg.input_size}: pass --input-size {trained_at}")
-    if info["image_size"] != meta["image_size"]:
-        raise DataError(f"--trunk-from {path}: its trunk saw {info['image_size']}px faces, the data has "
-                        f"{meta['image_size']}px: use the data it was trained on")
-    model.image_encoder.trunk.load_state_dict(source.image_encoder.trunk.state_dict())
 
 
 def make_batches(args, model, device):
@@ -225,6 +219,8 @@ def start(args, given, run_dir):
         feeding = "cached features" if uses_cache(args, model) else "images through the trunk"
         print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {AMP_NAMES[amp_dtype]} | {feeding}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
+        if args.text_from:
+            print(f"text branch: from {args.text_from}")
         if args.trunk_from:
             print(f"trunk: from {args.trunk_from}")
         elif not model.cfg.pretrained and model.uses_image:

@@ -1,0 +1,108 @@
+"""Starting a branch from another run: --trunk-from (the trunk of an image-only run) and
+--text-from (the text branch of a text-only run), and the checkpoints that do not fit."""
+import pytest
+import torch
+
+import train
+from checkpoints import load_checkpoint, save_checkpoint
+from conftest import TINY
+from data import load_meta, load_tokenizer
+from models import ModelConfig, build_model
+
+
+def save_as_checkpoint(path, model, info):
+    """`model` written as a checkpoint of the data `info` came from."""
+    save_checkpoint(path, model, tokenizer_json=info["tokenizer"], classes=info["classes"],
+                    image_size=info["image_size"], metrics={}, args=info["args"])
+    return path
+
+
+def built(argv, processed):
+    """The model train.py would start from, for `argv`."""
+    args, _ = train.parse_args([*argv, "--data", str(processed), *TINY])
+    model, _ = train.build(args, load_meta(processed), load_tokenizer(processed), torch.device("cpu"), None)
+    return model
+
+
+def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path, capsys):
+    # a donor whose trunk is not what a fresh model of the same seed would draw
+    donor, _, info = load_checkpoint(runs / "model_a" / "best.pt")
+    with torch.no_grad():
+        donor.image_encoder.trunk[0].weight.mul_(1.5)
+    source = save_as_checkpoint(tmp_path / "donor.pt", donor, info)
+    common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+              "--epochs", "1", *TINY]
+    assert train.main(["--model", "b", "--trunk-from", str(source), *common]) == 0
+    assert "trunk: from" in capsys.readouterr().out
+    trained, _, trained_info = load_checkpoint(tmp_path / "model_b" / "last.pt")
+    assert trained.feature_fingerprint() != built(["--model", "b"], processed).feature_fingerprint()
+    # a frozen trunk: the whole run kept the donor's weights and BatchNorm statistics
+    for (name, mine), (_, theirs) in zip(trained.image_encoder.trunk.state_dict().items(),
+                                         donor.image_encoder.trunk.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    assert trained_info["args"]["trunk_from"] == str(source)
+
+
+@pytest.mark.parametrize("problem", ["text-only", "input size"])
+def test_trunk_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, processed, tmp_path, capsys):
+    source = runs / "model_a" / "best.pt"
+    if problem == "text-only":
+        text_run = tmp_path / "text"
+        assert train.main(["--model", "a", "--modality", "text", "--data", str(processed), "--out", str(tmp_path),
+                           "--run-name", "text", "--epochs", "1", *TINY]) == 0
+        source = text_run / "best.pt"
+    size = "96" if problem == "input size" else "64"
+    capsys.readouterr()
+    assert train.main(["--model", "a", "--trunk-from", str(source), "--data", str(processed), "--out",
+                       str(tmp_path / "runs"), "--epochs", "1", *TINY, "--input-size", size]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --trunk-from")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed, tmp_path, capsys):
+    source = runs / f"model_{arch}" / "best.pt"
+    donor, _, _ = load_checkpoint(source)
+    model = built(["--model", arch, "--text-from", str(source)], processed)
+    for (name, mine), (_, theirs) in zip(model.text_encoder.state_dict().items(),
+                                         donor.text_encoder.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    # the text branch only: the head starts fresh
+    assert not torch.equal(model.head[-1].weight, donor.head[-1].weight)
+    assert train.main(["--model", arch, "--text-from", str(source), "--data", str(processed),
+                       "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY]) == 0
+    assert f"text branch: from {source}" in capsys.readouterr().out
+    _, _, trained_info = load_checkpoint(tmp_path / f"model_{arch}" / "last.pt")
+    assert trained_info["args"]["text_from"] == str(source)
+
+
+@pytest.mark.parametrize("problem", ["image-only", "other model", "other sizes"])
+def test_text_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, processed, tmp_path, capsys):
+    source = runs / "model_b" / "best.pt"
+    argv = ["--model", "b"]
+    if problem == "image-only":
+        _, _, info = load_checkpoint(source)
+        torch.manual_seed(0)
+        image_only = build_model(ModelConfig(**{**info["config"], "modality": "image"}))
+        source = save_as_checkpoint(tmp_path / "image.pt", image_only, info)
+    elif problem == "other model":
+        argv = ["--model", "a"]
+    else:
+        argv += ["--heads", "2"]
+    run = tmp_path / "runs"
+    assert train.main([*argv, "--text-from", str(source), "--data", str(processed), "--out", str(run),
+                       "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--text-from" in err and err.startswith("error:"), err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("flags", [["--trunk-from", "x.pt", "--modality", "text"],
+                                   ["--text-from", "x.pt", "--modality", "image"]])
+def test_a_branch_for_a_model_without_it_is_refused(flags, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(["--model", "a", *flags])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flags[0]} with --modality {flags[-1]}" in err
