@@ -1,15 +1,19 @@
 """Shared fixtures: one small synthetic data set and one short trained run of each model,
 built once per test session (CPU, no network)."""
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are flat modules at the repo root
 
 import prepare_data  # noqa: E402
 import train  # noqa: E402
+from checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from models import build_model  # noqa: E402
 
 # 7 classes x (60 train, 20 val, 20 test) faces, 2400 sentences: big enough to learn from
 SYNTHETIC = ["--source", "synthetic", "--synthetic-images", "60,20,20", "--synthetic-texts", "2400",
@@ -72,3 +76,18 @@ def face_runs(tmp_path_factory):
         assert train.main([*common, "--run-name", name, "--trunk-from", trunk, "--modality-dropout", p,
                            "--epochs", "10"]) == 0
     return root
+
+
+def resave(source, target, **changes):
+    """A copy of a trained checkpoint with some of what train.py stores changed (args, metrics,
+    temperature), or with a fresh model of another modality: its weights are random, for tests
+    of what the scripts do with such a checkpoint, not of how well it predicts."""
+    model, _, info = load_checkpoint(source)
+    modality = changes.pop("modality", None)
+    if modality:
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(model.cfg, modality=modality, pretrained=False))
+    stored = dict(tokenizer_json=info["tokenizer"], classes=info["classes"], image_size=info["image_size"],
+                  metrics=info["metrics"], args=info["args"], temperature=info["temperature"])
+    save_checkpoint(target, model, **{**stored, **changes})
+    return str(target)

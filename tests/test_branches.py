@@ -5,16 +5,8 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, save_checkpoint
-from conftest import TINY
+from conftest import TINY, resave
 from data import load_meta, load_tokenizer
-from models import ModelConfig, build_model
-
-
-def save_as_checkpoint(path, model, info):
-    """`model` written as a checkpoint of the data `info` came from."""
-    save_checkpoint(path, model, tokenizer_json=info["tokenizer"], classes=info["classes"],
-                    image_size=info["image_size"], metrics={}, args=info["args"])
-    return path
 
 
 def built(argv, processed):
@@ -29,7 +21,9 @@ def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path,
     donor, _, info = load_checkpoint(runs / "model_a" / "best.pt")
     with torch.no_grad():
         donor.image_encoder.trunk[0].weight.mul_(1.5)
-    source = save_as_checkpoint(tmp_path / "donor.pt", donor, info)
+    source = tmp_path / "donor.pt"
+    save_checkpoint(source, donor, tokenizer_json=info["tokenizer"], classes=info["classes"],
+                    image_size=info["image_size"], metrics={}, args=info["args"])
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
     assert train.main(["--model", "b", "--trunk-from", str(source), *common]) == 0
@@ -82,10 +76,7 @@ def test_text_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, pro
     source = runs / "model_b" / "best.pt"
     argv = ["--model", "b"]
     if problem == "image-only":
-        _, _, info = load_checkpoint(source)
-        torch.manual_seed(0)
-        image_only = build_model(ModelConfig(**{**info["config"], "modality": "image"}))
-        source = save_as_checkpoint(tmp_path / "image.pt", image_only, info)
+        source = resave(source, tmp_path / "image.pt", modality="image")
     elif problem == "other model":
         argv = ["--model", "a"]
     else:

@@ -1,5 +1,4 @@
 """demo.py: any image works, the JSON is a distribution, bad input is one clean line."""
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,8 +15,8 @@ import explain
 from tokenizer import encode_texts
 from data import BLANK_PIXEL, CLASSES
 from images import detect_faces, read_image
-from checkpoints import load_checkpoint, save_checkpoint
-from models import build_model
+from checkpoints import load_checkpoint
+from conftest import resave
 from test_images import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,21 +249,6 @@ def test_examples_refuse_data_of_another_tokenizer(runs, processed, tmp_path, ca
 
 # ---- one input is enough, single-modality checkpoints, calibration, the explain figure ----
 ABLATION = {"full": 0.81, "no text": 0.35, "no image": 0.62}
-
-
-def resave(source, target, **changes):
-    """A copy of a trained checkpoint with some of what train.py stores changed (args, metrics,
-    temperature), or with a fresh model of another modality: its weights are random, since these
-    tests read what the demo does with such a checkpoint, not how well it predicts."""
-    model, tokenizer, info = load_checkpoint(source)
-    modality = changes.pop("modality", None)
-    if modality:
-        torch.manual_seed(0)
-        model = build_model(dataclasses.replace(model.cfg, modality=modality, pretrained=False))
-    stored = dict(tokenizer_json=info["tokenizer"], classes=info["classes"], image_size=info["image_size"],
-                  metrics=info["metrics"], args=info["args"], temperature=info["temperature"])
-    save_checkpoint(target, model, **{**stored, **changes})
-    return str(target)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import runtime
 import train
 import training
 from conftest import EPOCHS, TINY
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint
 from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from models import ModelConfig, build_model
 from runtime import autocast, progress
