@@ -40,10 +40,16 @@ EPOCHS, WARMUP = {"a": 8, "b": 10}, {"a": 0, "b": 10}
 
 
 @pytest.fixture(scope="session")
-def runs(processed, tmp_path_factory):
+def cache(tmp_path_factory):
+    """The session's feature cache. Its files are named by the trunk's weights and the
+    preprocessing, so every run with the seed-0 trunk of TINY reads what the first one wrote."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def runs(processed, cache, tmp_path_factory):
     """checkpoints/<model_a|model_b>/ after those runs; tests must not modify them."""
     out = tmp_path_factory.mktemp("checkpoints")
-    cache = tmp_path_factory.mktemp("cache")
     for model in ("a", "b"):
         assert train.main(["--model", model, "--data", str(processed), "--out", str(out),
                            "--cache-dir", str(cache), "--lr", "1e-3", "--epochs", str(EPOCHS[model]),

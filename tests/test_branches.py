@@ -55,7 +55,7 @@ def test_trunk_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, pr
 
 
 @pytest.mark.parametrize("arch", ["a", "b"])
-def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed, tmp_path, capsys):
+def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed, cache, tmp_path, capsys):
     source = runs / f"model_{arch}" / "best.pt"
     donor, _, _ = load_checkpoint(source)
     model = built(["--model", arch, "--text-from", str(source)], processed)
@@ -65,7 +65,7 @@ def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed
     # the text branch only: the head starts fresh
     assert not torch.equal(model.head[-1].weight, donor.head[-1].weight)
     assert train.main(["--model", arch, "--text-from", str(source), "--data", str(processed),
-                       "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY]) == 0
+                       "--out", str(tmp_path), "--cache-dir", str(cache), "--epochs", "1", *TINY]) == 0
     assert f"text branch: from {source}" in capsys.readouterr().out
     _, _, trained_info = load_checkpoint(tmp_path / f"model_{arch}" / "last.pt")
     assert trained_info["args"]["text_from"] == str(source)

@@ -14,14 +14,14 @@ from metrics import evaluate
 from test_train import TIMING, read_log
 
 
-def test_two_processes_train_as_one(processed, tmp_path):
+def test_two_processes_train_as_one(processed, cache, tmp_path):
     # Model A with head dropout 0 has no randomness inside a step, so the ranks' slices of each
     # global batch must add up to the one-process step. Batches of 25 over 420 pairs split
     # 13 + 12 (and the last, 20, as 10 + 10): the loss scaling must make uneven slices exact,
     # in fp32 (bf16 rounds a slice's sum otherwise than the whole batch's).
     common = ["--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
               "--modality-dropout", "0", "--amp", "off"]
-    assert train.main([*common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1"),
+    assert train.main([*common, "--out", str(tmp_path / "one"), "--cache-dir", str(cache),
                        "--epochs", "2"]) == 0
     # As the README's torchrun commands: a run name, then --resume. Its first epoch runs in this
     # process, so one torchrun launch both resumes a run and trains an epoch on two ranks (rank 1,

@@ -61,8 +61,8 @@ def test_tiny_run_learns(model, runs):
     assert best > 0.40
 
 
-def test_resume_matches_straight_run(processed, tmp_path):
-    common = ["--model", "b", "--data", str(processed), "--cache-dir", str(tmp_path / "cache"),
+def test_resume_matches_straight_run(processed, cache, tmp_path):
+    common = ["--model", "b", "--data", str(processed), "--cache-dir", str(cache),
               "--dropout", "0.3", *TINY]
     assert train.main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"]) == 0
     assert train.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "1"]) == 0
@@ -116,7 +116,7 @@ def test_existing_run_is_not_overwritten(runs, processed, capsys):
     assert (runs / "model_a" / "last.pt").stat().st_mtime_ns == before
 
 
-def test_interrupt_leaves_a_resumable_run(processed, tmp_path, monkeypatch, capsys):
+def test_interrupt_leaves_a_resumable_run(processed, cache, tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupted_evaluate(*args):
@@ -128,7 +128,7 @@ def test_interrupt_leaves_a_resumable_run(processed, tmp_path, monkeypatch, caps
     evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
     assert train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path),
-                       "--cache-dir", str(tmp_path / "cache"), "--epochs", "3", *TINY]) == 130
+                       "--cache-dir", str(cache), "--epochs", "3", *TINY]) == 130
     err = capsys.readouterr().err
     assert "--resume" in err and "epoch 1" in err
     _, _, info = load_checkpoint(tmp_path / "model_a" / "last.pt")
@@ -339,9 +339,9 @@ def test_resume_of_an_older_optimizer_layout_is_one_line(runs, tmp_path, capsys)
     assert read_log(tmp_path / "model_a" / "log.csv") == read_log(runs / "model_a" / "log.csv")
 
 
-def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, tmp_path, capsys):
-    common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir",
-              str(tmp_path / "cache"), "--cosine", *TINY]
+def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, cache, tmp_path, capsys):
+    common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(cache),
+              "--cosine", *TINY]
     assert train.main([*common, "--epochs", "1"]) == 0
     before = (tmp_path / "model_a" / "last.pt").read_bytes()
     capsys.readouterr()
