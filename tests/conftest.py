@@ -84,11 +84,13 @@ def face_runs(tmp_path_factory):
     return root
 
 
-def resave(source, target, **changes):
+def resave(source, target, model=None, **changes):
     """A copy of a trained checkpoint with some of what train.py stores changed (args, metrics,
-    temperature), or with a fresh model of another modality: its weights are random, for tests
-    of what the scripts do with such a checkpoint, not of how well it predicts."""
-    model, _, info = load_checkpoint(source)
+    temperature), or with another model in place of its own: `model`, e.g. one a test edited,
+    or a fresh model of another `modality`, whose weights are random (for tests of what the
+    scripts do with such a checkpoint, not of how well it predicts)."""
+    loaded, _, info = load_checkpoint(source)
+    model = model or loaded
     modality = changes.pop("modality", None)
     if modality:
         torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint
 from conftest import TINY, resave
 from data import load_meta, load_tokenizer
 
@@ -18,12 +18,10 @@ def built(argv, processed):
 
 def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path, capsys):
     # a donor whose trunk is not what a fresh model of the same seed would draw
-    donor, _, info = load_checkpoint(runs / "model_a" / "best.pt")
+    donor, _, _ = load_checkpoint(runs / "model_a" / "best.pt")
     with torch.no_grad():
         donor.image_encoder.trunk[0].weight.mul_(1.5)
-    source = tmp_path / "donor.pt"
-    save_checkpoint(source, donor, tokenizer_json=info["tokenizer"], classes=info["classes"],
-                    image_size=info["image_size"], metrics={}, args=info["args"])
+    source = resave(runs / "model_a" / "best.pt", tmp_path / "donor.pt", model=donor)
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
     assert train.main(["--model", "b", "--trunk-from", str(source), *common]) == 0

@@ -15,9 +15,9 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 import evaluate
 import metrics
 import prepare_data
-from conftest import SYNTHETIC
+from conftest import SYNTHETIC, resave
 from data import Batches, cached_features, load_split
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint
 from models import build_model
 
 
@@ -199,12 +199,10 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, processed, five_class_da
 def resaved(runs, tmp_path, name, *, temperature=1.0, **train_args):
     """runs/model_a/best.pt saved again as tmp_path/name/best.pt with another temperature
     or other training args (the run folder names the row's Experiment_ID)."""
-    model, _, info = load_checkpoint(runs / "model_a" / "best.pt")
-    path = tmp_path / name / "best.pt"
-    save_checkpoint(path, model, tokenizer_json=info["tokenizer"], classes=info["classes"],
-                    image_size=info["image_size"], metrics=info["metrics"],
-                    args={**info["args"], **train_args}, temperature=temperature)
-    return path
+    source = runs / "model_a" / "best.pt"
+    trained_with = load_checkpoint(source)[2]["args"]
+    return resave(source, tmp_path / name / "best.pt", args={**trained_with, **train_args},
+                  temperature=temperature)
 
 
 def overconfident(n=4000, temperature=2.0, seed=0):
