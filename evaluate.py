@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
+import leaks
 from checkpoints import CheckpointError, check_compatible, load_checkpoint
 from data import Batches, cached_features, load_meta, load_split, load_tokenizer
 from metrics import (ECE_BINS, RESAMPLES, ablations, bootstrap, calibration_error, evaluate, summarize,
@@ -34,7 +35,8 @@ REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro
                      "Optimizer", "Data_Augmentation"]
 EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
                  "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
-                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds"]
+                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds",
+                 "Leak_Fraction"]
 
 
 def score(model, split, features, batch_size, device, mixed_precision, tta=False):
@@ -67,7 +69,7 @@ def calibrate(result, temperature):
 
 def results_row(result, stats, classes, info, args, meta):
     """One row of the results CSV: the reference's 17 columns, per-class scores, extras.
-    `stats`: the bootstrap intervals, both ECEs and the temperature."""
+    `stats`: the bootstrap intervals, both ECEs, the temperature and the leak fraction."""
     labels = result["labels"]
     preds = result["preds"]
     ids = range(len(classes))
@@ -105,7 +107,8 @@ def results_row(result, stats, classes, info, args, meta):
                 "ECE": stats["ece"], "ECE_Uncalibrated": stats["ece_uncalibrated"],
                 "Temperature": stats["temperature"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
                 "Pretrained": cfg["pretrained"], "Finetuned": cfg["finetune"],
-                "Train_Seconds": metrics.get("train_seconds", "")})
+                "Train_Seconds": metrics.get("train_seconds", ""),
+                "Leak_Fraction": "" if stats["leak_fraction"] is None else stats["leak_fraction"]})
     columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes
                                    for kind in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
     # plain numbers: 0.8319, not "83.19%"
@@ -270,12 +273,16 @@ def run(args):
     stats = {**bootstrap(result["labels"], result["preds"], len(classes)),
              "ece": calibration_error(result["log_probs"], result["labels"]),
              "ece_uncalibrated": calibration_error(uncalibrated["log_probs"], uncalibrated["labels"]),
-             "temperature": temperature}
+             "temperature": temperature,
+             "leak_fraction": leaks.evaluated_fraction(meta.get("leaks"), args.split, len(split["labels"]))}
     mirrored = ", each image averaged with its mirror" if args.tta else ""
     precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
     print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs{mirrored}) | amp {precision}")
     print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),
                                 target_names=classes, digits=4, zero_division=0))
+    if stats["leak_fraction"]:
+        print(f"warning: {stats['leak_fraction']:.1%} of the {args.split} faces have a near-copy in an "
+              "earlier split (meta.json 'leaks'): this score is inflated; prepare_data.py --dedupe drops them")
     row = results_row(result, stats, classes, info, args, meta)
     # first: it refuses a foreign results file before any write
     append_row(args.results, row)

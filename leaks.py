@@ -141,6 +141,18 @@ def remaining(near, kept):
     return {"counts": counts, "test_fraction": leak_fraction(leaked)}
 
 
+def evaluated_fraction(report, split, count):
+    """The share of `split`'s `count` images (as prepared) with a near-copy in an earlier split,
+    from meta.json's 'leaks' (`report`): what evaluate.py warns of. None for data prepared
+    before the audit recorded what it left."""
+    left = (report or {}).get("remaining")
+    if left is None:
+        return None
+    if split == "test":
+        return left["test_fraction"]
+    return round(left["counts"]["train-val"] / count, 4) if count else 0.0
+
+
 def summary(found):
     """One line on near-copies (`found`: the audit's report or `remaining`'s) and what they
     mean for the test score."""

@@ -56,8 +56,11 @@ def test_rows_are_deterministic_and_in_the_reference_format(runs, processed, tmp
 
 
 def test_numbers_equal_scikit_learn(runs, processed, tmp_path):
+    # Both sides the same computation: fp32, the trunk on the images, batches of 64 (the run's
+    # own --amp is bf16 on a CPU that has it, and the cache stores float16 features).
     results = tmp_path / "results.csv"
-    assert run_eval(runs / "model_a" / "best.pt", processed, results) == 0
+    assert run_eval(runs / "model_a" / "best.pt", processed, results, "--amp", "off", "--no-cache",
+                    "--batch-size", "64") == 0
     row = rows(results)[0]
     model, _, info = load_checkpoint(runs / "model_a" / "best.pt")
     out = metrics.evaluate(model, Batches(load_split(processed, "test"), 64, "cpu"))
