@@ -2,7 +2,9 @@
 calibration, test-time mirroring and ablations that measure what each input is worth."""
 import csv
 import fcntl
+import json
 import multiprocessing
+import shutil
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -342,3 +344,22 @@ def test_batch_size_zero_is_one_line(processed, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "--batch-size" in err and not (tmp_path / "r.csv").exists()
+
+
+def test_a_leaky_test_split_is_flagged_with_its_fraction(runs, processed, tmp_path, capsys):
+    # The same pairs, with meta.json saying what the audit would for a split that kept copies.
+    leaky = tmp_path / "leaky"
+    shutil.copytree(processed, leaky)
+    meta = json.loads((leaky / "meta.json").read_text())
+    meta["leaks"]["remaining"] = {"counts": {"train-val": 0, "train-test": 7, "val-test": 0},
+                                  "test_fraction": 0.05}
+    (leaky / "meta.json").write_text(json.dumps(meta))
+    checkpoint = runs / "model_a" / "best.pt"
+    results = tmp_path / "results.csv"
+    for data in (processed, leaky):
+        assert run_eval(checkpoint, data, results) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 5.0% of the test faces have a near-copy in an earlier split (meta.json "
+                        "'leaks'): this score is inflated; prepare_data.py --dedupe drops them"]
+    assert [float(row["Leak_Fraction"]) for row in rows(results)] == [0.0, 0.05]
