@@ -35,7 +35,7 @@ REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro
                      "Optimizer", "Data_Augmentation"]
 EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
                  "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
-                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Pretrained", "Finetuned", "Train_Seconds",
+                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Trunk", "Finetuned", "Train_Seconds",
                  "Leak_Fraction"]
 
 
@@ -65,6 +65,13 @@ def calibrate(result, temperature):
     temperature. Under --tta the temperature, fitted on single views, divides the averaged
     log-probabilities: the predictions, and so every score but the ECE, stay as they were."""
     return summarize(temper(result["log_probs"], temperature), torch.from_numpy(result["labels"]))
+
+
+def trunk_origin(cfg):
+    """Where the trunk's weights started: imagenet, random, or the --trunk-from checkpoint."""
+    if cfg.get("trunk_from"):
+        return cfg["trunk_from"]
+    return "imagenet" if cfg["pretrained"] else "random"
 
 
 def results_row(result, stats, classes, info, args, meta):
@@ -106,7 +113,7 @@ def results_row(result, stats, classes, info, args, meta):
                 "Macro_F1_CI_Low": stats["macro_f1"][0], "Macro_F1_CI_High": stats["macro_f1"][1],
                 "ECE": stats["ece"], "ECE_Uncalibrated": stats["ece_uncalibrated"],
                 "Temperature": stats["temperature"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
-                "Pretrained": cfg["pretrained"], "Finetuned": cfg["finetune"],
+                "Trunk": trunk_origin(cfg), "Finetuned": cfg["finetune"],
                 "Train_Seconds": metrics.get("train_seconds", ""),
                 "Leak_Fraction": "" if stats["leak_fraction"] is None else stats["leak_fraction"]})
     columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from data import BLANK_PIXEL
 from runtime import one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,7 +46,8 @@ class ModelConfig:
     vocab_size: int = 5000     # the tokenizer's, pad id 0
     max_len: int = 64          # B's position embeddings
     input_size: int = 224      # trunk input side; faces resize to it
-    pretrained: bool = True    # torchvision's ImageNet weights
+    pretrained: bool = True    # download torchvision's ImageNet weights
+    trunk_from: str = ""       # or the checkpoint the trunk was copied from
     finetune: bool = False     # False: trunk frozen, in eval mode
     embed_dim: int = 256       # A: token embedding width
     gru_hidden: int = 512      # A: GRU state, the text vector
@@ -165,6 +167,20 @@ class ImageEncoder(nn.Module):
             features["regions"] = grid.flatten(2).transpose(1, 2)  # (B, h*w, 512)
         return features
 
+    def blank_rows(self, features: dict, missing: torch.Tensor, image_size: int) -> dict:
+        """`features` with the rows where `missing` (bool (B,)) replaced by the blank face's, read
+        in eval mode: modality dropout while the trunk trains. A blank face fed through the trunk in
+        training mode would enter BatchNorm's batch statistics and running averages: a constant,
+        zero-variance input that never occurs at test time, where a missing face is read in eval mode."""
+        blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=missing.device)
+        training = self.training
+        self.eval()
+        with torch.no_grad():
+            lost = self(blank)  # {name: (1, ...)}
+        self.train(training)
+        return {name: torch.where(missing.view(-1, *[1] * (value.dim() - 1)), lost[name].to(value.dtype), value)
+                for name, value in features.items()}
+
     def fingerprint(self) -> str:
         """sha256 of everything the features depend on: trunk weights, preprocessing, feature kinds.
         Training-mode augmentation is not among them: features are computed in eval mode."""
@@ -276,8 +292,10 @@ class EmotionModel(nn.Module):
             raise ValueError("a text-only model (modality 'text') has no image branch and no image features")
         return self.image_encoder(images)
 
-    def forward(self, input_ids, lengths, images=None, image_features=None, return_attention=False):
-        """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features.
+    def forward(self, input_ids, lengths, images=None, image_features=None, return_attention=False,
+                missing_image=None):
+        """input_ids int (B, L), 0 = pad; lengths int (B,); exactly one of images / image_features;
+        missing_image bool (B,): faces lost to modality dropout (ImageEncoder.blank_rows).
         -> logits (B, C); with return_attention, (logits, attention): Model B's cross-attention
         weights (B, L, R) over the R regions, the mean over heads (each real token's row sums to
         1), or None. A text-only model ignores the images, an image-only model the text."""
@@ -289,6 +307,8 @@ class EmotionModel(nn.Module):
                 raise ValueError("pass exactly one of images= or image_features=")
             if images is not None:
                 features = self.image_features(images)
+                if missing_image is not None:
+                    features = self.image_encoder.blank_rows(features, missing_image, images.shape[-1])
             else:
                 # a cache may hold float16: compute in the parameters' dtype
                 dtype = self.head[-1].weight.dtype
@@ -364,9 +384,10 @@ def build_model(cfg: ModelConfig) -> EmotionModel:
 
 
 def default_backbone_lr_scale(cfg: ModelConfig) -> float:
-    """The trunk's learning rate / the head's when fine-tuning: ImageNet weights want a gentler step
-    than a fresh head (0.1); a random trunk at a tenth of the rate barely moves (1.0)."""
-    return 0.1 if cfg.pretrained else 1.0
+    """The trunk's learning rate / the head's when fine-tuning: a trunk that starts trained (ImageNet's
+    weights, or another run's trunk: --trunk-from) wants a gentler step than a fresh head (0.1); a
+    random trunk at a tenth of the rate barely moves (1.0)."""
+    return 0.1 if cfg.pretrained or cfg.trunk_from else 1.0
 
 
 def parameter_groups(model: EmotionModel, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:

@@ -56,7 +56,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of weight matrices (torch's default, as the reference)")
     p.add_argument("--backbone-lr-scale", type=float, default=None,
-                   help="with --finetune-backbone: trunk lr = lr * this (None: 0.1, 1.0 with --no-pretrained)")
+                   help="with --finetune-backbone: trunk lr = lr * this (None: 0.1 for a trunk that starts trained, "
+                        "ImageNet's or --trunk-from's; 1.0 for a random one: --no-pretrained alone)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
     p.add_argument("--modality", choices=["both", "image", "text"], default="both",
                    help="image or text: the same branch and head on one input (a baseline)")
@@ -147,7 +148,8 @@ def build(args, meta, tokenizer, device, run_dir):
     # --finetune-backbone's recipe includes random views of each face (augment)
     cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]), max_len=meta["max_len"],
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
-                      pretrained=not (args.no_pretrained or args.trunk_from), finetune=args.finetune_backbone,
+                      pretrained=not (args.no_pretrained or args.trunk_from), trunk_from=args.trunk_from or "",
+                      finetune=args.finetune_backbone,
                       n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
                       cross_attention=not args.no_cross_attention, modality=args.modality,
                       augment=args.finetune_backbone)
@@ -243,7 +245,9 @@ def start(args, given, run_dir):
         # a resume drops the log rows of an epoch logged but never checkpointed
         with open(run_dir / "log.csv", newline="") as f:
             run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
-    run.counters.train_seconds += cache_seconds
+    # once a run: a resumed run's counters hold its first start's cache build
+    if state is None:
+        run.counters.train_seconds += cache_seconds
     if MASTER:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = io.StringIO()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoints import load_checkpoint, save_checkpoint
-from data import BLANK_PIXEL, Batches, cached_features, load_split
+from data import Batches, cached_features, load_split
 from distributed import RANK, WORLD_SIZE
 from metrics import ablations, calibration_error, evaluate, fit_temperature, temper
 from models import default_backbone_lr_scale, parameter_groups
@@ -82,7 +82,9 @@ def lr_factor(step, total_steps, args):
 def drop_inputs(batch, p, blank_features=None):
     """Modality dropout: each pair loses its sentence with probability p, or else its face with
     probability p, never both. A lost sentence is the empty text and a lost face the blank one
-    (data.BLANK_PIXEL): the inputs the ablation and the demo give a model for a missing one."""
+    (data.BLANK_PIXEL): the inputs the ablation and the demo give a model for a missing one.
+    From the cache the lost faces' features become `blank_features`; through a trunk that trains,
+    `missing_image` marks them for the model, which blanks them after the trunk (blank_rows)."""
     labels = batch["labels"]
     draws = torch.rand(2, len(labels), device=labels.device)
     no_text = draws[0] < p
@@ -91,7 +93,7 @@ def drop_inputs(batch, p, blank_features=None):
     batch["input_ids"] = batch["input_ids"].masked_fill(no_text.unsqueeze(1), 0)
     batch["lengths"] = batch["lengths"].masked_fill(no_text.to(batch["lengths"].device), 0)
     if "images" in batch:
-        batch["images"] = batch["images"].masked_fill(no_image[:, None, None], BLANK_PIXEL)
+        batch["missing_image"] = no_image
     else:
         features = {}
         for name, value in batch["image_features"].items():
@@ -118,7 +120,8 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_
             batch = drop_inputs(batch, modality_dropout, run.blank_features)
         with run.mixed_precision:
             logits = run.step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                                    image_features=batch.get("image_features"))
+                                    image_features=batch.get("image_features"),
+                                    missing_image=batch.get("missing_image"))
             summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
                                      label_smoothing=label_smoothing)
         # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean

@@ -1,12 +1,16 @@
 """Starting a branch from another run: --trunk-from (the trunk of an image-only run) and
 --text-from (the text branch of a text-only run), and the checkpoints that do not fit."""
+import csv
+
 import pytest
 import torch
 
+import evaluate
 import train
 from checkpoints import load_checkpoint
 from conftest import TINY, resave
 from data import load_meta, load_tokenizer
+from training import make_optimizer
 
 
 def built(argv, processed):
@@ -33,6 +37,24 @@ def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path,
                                          donor.image_encoder.trunk.state_dict().items()):
         assert torch.equal(mine, theirs), name
     assert trained_info["args"]["trunk_from"] == str(source)
+    # the results table says where the trunk came from
+    results = tmp_path / "results.csv"
+    for run in (tmp_path / "model_b", runs / "model_a"):
+        assert evaluate.main(["--checkpoint", str(run / "best.pt"), "--data", str(processed), "--results",
+                              str(results), "--cache-dir", str(tmp_path / "cache")]) == 0
+    with open(results, newline="") as f:
+        assert [row["Trunk"] for row in csv.DictReader(f)] == [str(source), "random"]
+
+
+@pytest.mark.parametrize("flags, trunk_rate", [(["--trunk-from", "DONOR"], 1e-4), (["--no-pretrained"], 1e-3)])
+def test_a_trunk_that_starts_trained_fine_tunes_at_the_backbone_rate(flags, trunk_rate, runs, processed):
+    # --trunk-from's trunk has trained already, as ImageNet's has: a tenth of the head's rate.
+    # Only a random trunk (--no-pretrained alone) trains at the head's.
+    flags = [str(runs / "model_a" / "best.pt") if flag == "DONOR" else flag for flag in flags]
+    model = built(["--model", "a", "--finetune-backbone", "--lr", "1e-3", *flags], processed)
+    rates = {group["name"]: group["lr"] for group in make_optimizer(model, lr=1e-3).param_groups}
+    assert rates["head"] == 1e-3 and rates["trunk"] == pytest.approx(trunk_rate)
+    assert model.cfg.trunk_from == ("" if "--no-pretrained" in flags else flags[1])
 
 
 @pytest.mark.parametrize("problem", ["text-only", "input size"])

@@ -1,7 +1,6 @@
 """train.py: the loop learns, resumes exactly, caches correctly and stops cleanly."""
 import csv
 import shutil
-import threading
 from contextlib import nullcontext
 
 import pytest
@@ -13,7 +12,7 @@ import train
 import training
 from conftest import EPOCHS, TINY
 from checkpoints import load_checkpoint
-from data import BLANK_PIXEL, Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
+from data import BLANK_PIXEL, Batches, load_meta, load_split, load_tokenizer
 from models import ModelConfig, build_model
 from runtime import autocast, progress
 
@@ -77,30 +76,6 @@ def test_resume_matches_straight_run(processed, cache, tmp_path):
     logs = [[{k: v for k, v in row.items() if k not in TIMING} for row in read_log(path)]
             for path in (tmp_path / "straight/model_a/log.csv", tmp_path / "resumed/model_a/log.csv")]
     assert len(logs[0]) == 2 and logs[0] == logs[1]
-
-
-def test_cached_and_uncached_first_step_agree(processed, tmp_path):
-    model = small_model("b", processed)
-    split, pool = load_split(processed, "train"), load_text_pool(processed)
-    features, _ = cached_features(model, split["images"], tmp_path, "cpu", flips=True, show_progress=False)
-    losses = []
-    for feats in (features, None):
-        batch = next(iter(Batches(split, 32, "cpu", features=feats, shuffle=True, flip=True,
-                                  text_pool=pool, seed=3)))
-        torch.manual_seed(0)  # the same dropout masks
-        model.train()
-        logits = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
-                       image_features=batch.get("image_features"))
-        losses.append(F.cross_entropy(logits, batch["labels"]).item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-3)  # the cache stores float16
-
-
-def test_cache_key_follows_the_trunk_input_and_the_dtype(processed, tmp_path):
-    images = load_split(processed, "val")["images"][:16]  # the key, not the features, is tested
-    paths = [cached_features(small_model("a", processed, size), images, tmp_path, "cpu", flips=False,
-                             amp=amp, show_progress=False)[1]
-             for size, amp in ((64, "off"), (96, "off"), (64, "bf16"), (64, "off"))]
-    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
 
 
 def test_checkpoints_are_self_contained(runs):
@@ -187,101 +162,6 @@ def test_progress_lines_when_output_is_not_a_terminal(capsys):
     assert list(progress(range(5), "epoch 1", every=0)) == list(range(5))
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch 1: 1/5 batches |") and "ETA" in lines[0]
-
-
-def test_device_gather_and_buffered_gather_serve_the_same_batches(processed):
-    # On the CPU nothing is pinned and no copy is asynchronous: this checks the gathering alone
-    # (the pinned buffer's synchronize is tested on CUDA below).
-    split = load_split(processed, "train")
-    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
-    served = [Batches(split, 50, "cpu", features=features, shuffle=True, flip=True, on_device=where)
-              for where in (True, False)]
-    # the buffer is reused: compare each batch as it comes
-    for a, b in zip(*served):
-        assert torch.equal(a["image_features"]["pooled"], b["image_features"]["pooled"])
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and async copies need CUDA")
-def test_the_pinned_buffer_is_not_refilled_before_its_copy_has_left(processed):
-    split = load_split(processed, "train")
-    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
-    expected = [b["image_features"]["pooled"].clone()
-                for b in Batches(split, 50, "cuda", features=features, on_device=True)]
-    kept = []
-    for batch in Batches(split, 50, "cuda", features=features, on_device=False):
-        # the next batch's copy queues behind this sleep while the batch after it fills the buffer:
-        # without the event synchronize, a kept batch would hold a later batch's rows
-        torch.cuda._sleep(50_000_000)
-        kept.append(batch["image_features"]["pooled"])
-    torch.cuda.synchronize()
-    assert len(kept) == len(expected)
-    for got, want in zip(kept, expected):
-        assert torch.equal(got, want)
-
-
-def test_ranks_are_dealt_rows_of_the_same_global_batches(processed):
-    # 420 pairs: batches of 25 dealt 13 + 12, the last 10 + 10; rank r takes rows r, r + 2, ...
-    split = load_split(processed, "train")
-    whole = list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4))
-    parts = [list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4, rank=r, world_size=2))
-             for r in range(2)]
-    assert len(whole) == len(parts[0]) == len(parts[1]) == 17
-    for batch, first, second in zip(whole, *parts):
-        assert batch["global_size"] == first["global_size"] == len(batch["labels"])
-        assert torch.equal(batch["labels"][0::2], first["labels"])
-        assert torch.equal(batch["labels"][1::2], second["labels"])
-        assert torch.equal(batch["images"][0::2], first["images"])
-        assert torch.equal(batch["images"][1::2], second["images"])
-
-
-def test_batches_on_the_meta_device_put_lengths_there_too(processed):
-    split = load_split(processed, "val")
-    features = {"pooled": torch.zeros(1, len(split["labels"]), 8), "regions": torch.zeros(1, len(split["labels"]), 4, 8)}
-    batch = next(iter(Batches(split, 16, "meta", features=features)))
-    assert batch["image_features"]["regions"].device.type == "meta"
-    assert batch["image_features"]["regions"].shape == (16, 4, 8)
-    assert batch["input_ids"].device.type == "meta" and batch["lengths"].device.type == "meta"
-
-
-def test_a_cache_that_does_not_load_is_rebuilt(processed, tmp_path, capsys):
-    model, images = small_model("a", processed), load_split(processed, "val")["images"]
-    first, path = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
-    first = {k: v.clone() for k, v in first.items()}
-    path.write_bytes(path.read_bytes()[:1000])  # a disk that filled up, a copy cut short
-    again, same = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
-    err = capsys.readouterr().err
-    assert same == path and err.count("\n") == 1 and "building it again" in err
-    assert torch.equal(again["pooled"], first["pooled"])
-
-
-def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
-    # Two runs sharing data/cache: both write their file before either renames it into place
-    # (the interleaving that lost one run's file when they shared one temporary name).
-    images = load_split(processed, "val")["images"][:16]  # the key, not the features, is tested
-    both_written, save = threading.Barrier(2, timeout=60), torch.save
-
-    def save_then_wait(obj, f):
-        save(obj, f)
-        both_written.wait()
-
-    monkeypatch.setattr(torch, "save", save_then_wait)
-    results, errors = [], []
-
-    def build(model):
-        try:
-            results.append(cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False))
-        except Exception as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=build, args=(small_model("a", processed),)) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and len(results) == 2 and results[0][1] == results[1][1]
-    assert torch.equal(results[0][0]["pooled"], results[1][0]["pooled"])
-    assert [p.name for p in tmp_path.iterdir()] == [results[0][1].name]  # no temporary left
 
 
 def test_single_modality_runs_train_one_branch(processed, tmp_path):
@@ -371,12 +251,13 @@ def test_modality_dropout_takes_one_input_never_both(processed):
     torch.manual_seed(0)
     dropped = training.drop_inputs(batch, 0.3, blank)
     no_text = dropped["lengths"] == 0
-    no_image = (dropped["images"] == BLANK_PIXEL).flatten(1).all(1)
+    # the faces stay: the model blanks the lost ones after the trunk (ImageEncoder.blank_rows)
+    no_image = dropped["missing_image"]
     assert not (no_text & no_image).any()
     # p for the text; (1 - p) p for the face
     assert abs(no_text.float().mean() - 0.3) < 0.05 and abs(no_image.float().mean() - 0.21) < 0.05
     assert (dropped["input_ids"][no_text] == 0).all()
-    assert torch.equal(dropped["images"][~no_image], batch["images"][~no_image])
+    assert torch.equal(dropped["images"], batch["images"])
     cached = {**{k: v for k, v in batch.items() if k != "images"},
               "image_features": {"pooled": torch.zeros(len(batch["labels"]), 8, dtype=torch.float16)}}
     torch.manual_seed(0)
@@ -391,3 +272,54 @@ def test_best_checkpoint_is_calibrated_with_its_val_ablation(runs):
     assert set(ablation) == {"full", "no text", "shuffled text", "no image", "shuffled image"}
     # the tiny runs read the texts: taking them away costs most of the accuracy
     assert ablation["no text"] < ablation["full"] - 0.15
+
+
+def test_fine_tuning_never_normalizes_a_blank_face(processed):
+    """The trunk's BatchNorm, training, sees the real faces alone: its running statistics after a
+    step are the same whether modality dropout took no face or a quarter of them, and a lost
+    face reads as the blank face does in eval mode, as at test time."""
+    torch.manual_seed(0)
+    vocab = load_tokenizer(processed).get_vocab_size()
+    cfg = ModelConfig(arch="a", vocab_size=vocab, max_len=32, input_size=64, pretrained=False, finetune=True)
+    start = build_model(cfg)
+    batch = next(iter(Batches(load_split(processed, "train"), 32, "cpu")))
+    statistics = []
+    lost = []
+    for p in (0.0, 0.5):
+        model = build_model(cfg)
+        model.load_state_dict(start.state_dict())
+        torch.manual_seed(1)
+        dropped = training.drop_inputs(batch, p) if p else batch
+        model.train()
+        model(dropped["input_ids"], dropped["lengths"], images=dropped["images"],
+              missing_image=dropped.get("missing_image"))
+        statistics.append({name: value.clone() for name, value in model.image_encoder.trunk.state_dict().items()
+                           if "running" in name})
+        lost.append(int(dropped["missing_image"].sum()) if p else 0)
+    assert lost[0] == 0 and lost[1] >= 4
+    for name, value in statistics[0].items():
+        assert torch.equal(value, statistics[1][name]), name
+    # the lost rows' features are the blank face's in eval mode, the others their own
+    model.eval()
+    features = model.image_features(batch["images"])
+    size = batch["images"].shape[-1]
+    blank = model.image_features(torch.full((1, size, size), BLANK_PIXEL, dtype=torch.uint8))
+    missing = dropped["missing_image"]
+    replaced = model.image_encoder.blank_rows(features, missing, size)["pooled"]
+    torch.testing.assert_close(replaced[missing], blank["pooled"].expand(int(missing.sum()), -1))
+    assert torch.equal(replaced[~missing], features["pooled"][~missing])
+
+
+def test_a_resume_that_builds_the_cache_again_counts_each_second_once(processed, tmp_path):
+    common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir",
+              str(tmp_path / "cache"), *TINY]
+    assert train.main([*common, "--epochs", "1"]) == 0
+    _, _, first = load_checkpoint(tmp_path / "model_a" / "last.pt")
+    shutil.rmtree(tmp_path / "cache")
+    assert train.main([*common, "--epochs", "2", "--resume"]) == 0
+    assert (tmp_path / "cache").exists()
+    _, _, resumed = load_checkpoint(tmp_path / "model_a" / "last.pt")
+    # the first start's cache build and epoch 1, then epoch 2: the second build is not added
+    second_epoch = float(read_log(tmp_path / "model_a" / "log.csv")[1]["seconds"])
+    assert resumed["metrics"]["train_seconds"] == pytest.approx(
+        first["metrics"]["train_seconds"] + second_epoch, abs=1e-3)

@@ -1,0 +1,129 @@
+"""data.py: batches (the order, dealing rows to ranks, gathering on the device or through a
+pinned buffer) and the feature cache (its key, a broken file, concurrent builds)."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import Batches, cached_features, load_split, load_text_pool
+from test_train import small_model
+
+
+def test_cached_and_uncached_first_step_agree(processed, tmp_path):
+    model = small_model("b", processed)
+    split, pool = load_split(processed, "train"), load_text_pool(processed)
+    features, _ = cached_features(model, split["images"], tmp_path, "cpu", flips=True, show_progress=False)
+    losses = []
+    for feats in (features, None):
+        batch = next(iter(Batches(split, 32, "cpu", features=feats, shuffle=True, flip=True,
+                                  text_pool=pool, seed=3)))
+        torch.manual_seed(0)  # the same dropout masks
+        model.train()
+        logits = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
+                       image_features=batch.get("image_features"))
+        losses.append(F.cross_entropy(logits, batch["labels"]).item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-3)  # the cache stores float16
+
+
+def test_cache_key_follows_the_trunk_input_and_the_dtype(processed, tmp_path):
+    images = load_split(processed, "val")["images"][:16]  # the key, not the features, is tested
+    paths = [cached_features(small_model("a", processed, size), images, tmp_path, "cpu", flips=False,
+                             amp=amp, show_progress=False)[1]
+             for size, amp in ((64, "off"), (96, "off"), (64, "bf16"), (64, "off"))]
+    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
+
+
+def test_device_gather_and_buffered_gather_serve_the_same_batches(processed):
+    # On the CPU nothing is pinned and no copy is asynchronous: this checks the gathering alone
+    # (the pinned buffer's synchronize is tested on CUDA below).
+    split = load_split(processed, "train")
+    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
+    served = [Batches(split, 50, "cpu", features=features, shuffle=True, flip=True, on_device=where)
+              for where in (True, False)]
+    # the buffer is reused: compare each batch as it comes
+    for a, b in zip(*served):
+        assert torch.equal(a["image_features"]["pooled"], b["image_features"]["pooled"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and async copies need CUDA")
+def test_the_pinned_buffer_is_not_refilled_before_its_copy_has_left(processed):
+    split = load_split(processed, "train")
+    features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}
+    expected = [b["image_features"]["pooled"].clone()
+                for b in Batches(split, 50, "cuda", features=features, on_device=True)]
+    kept = []
+    for batch in Batches(split, 50, "cuda", features=features, on_device=False):
+        # the next batch's copy queues behind this sleep while the batch after it fills the buffer:
+        # without the event synchronize, a kept batch would hold a later batch's rows
+        torch.cuda._sleep(50_000_000)
+        kept.append(batch["image_features"]["pooled"])
+    torch.cuda.synchronize()
+    assert len(kept) == len(expected)
+    for got, want in zip(kept, expected):
+        assert torch.equal(got, want)
+
+
+def test_ranks_are_dealt_rows_of_the_same_global_batches(processed):
+    # 420 pairs: batches of 25 dealt 13 + 12, the last 10 + 10; rank r takes rows r, r + 2, ...
+    split = load_split(processed, "train")
+    whole = list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4))
+    parts = [list(Batches(split, 25, "cpu", shuffle=True, flip=True, seed=4, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 17
+    for batch, first, second in zip(whole, *parts):
+        assert batch["global_size"] == first["global_size"] == len(batch["labels"])
+        assert torch.equal(batch["labels"][0::2], first["labels"])
+        assert torch.equal(batch["labels"][1::2], second["labels"])
+        assert torch.equal(batch["images"][0::2], first["images"])
+        assert torch.equal(batch["images"][1::2], second["images"])
+
+
+def test_batches_on_the_meta_device_put_lengths_there_too(processed):
+    split = load_split(processed, "val")
+    features = {"pooled": torch.zeros(1, len(split["labels"]), 8), "regions": torch.zeros(1, len(split["labels"]), 4, 8)}
+    batch = next(iter(Batches(split, 16, "meta", features=features)))
+    assert batch["image_features"]["regions"].device.type == "meta"
+    assert batch["image_features"]["regions"].shape == (16, 4, 8)
+    assert batch["input_ids"].device.type == "meta" and batch["lengths"].device.type == "meta"
+
+
+def test_a_cache_that_does_not_load_is_rebuilt(processed, tmp_path, capsys):
+    model, images = small_model("a", processed), load_split(processed, "val")["images"]
+    first, path = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
+    first = {k: v.clone() for k, v in first.items()}
+    path.write_bytes(path.read_bytes()[:1000])  # a disk that filled up, a copy cut short
+    again, same = cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False)
+    err = capsys.readouterr().err
+    assert same == path and err.count("\n") == 1 and "building it again" in err
+    assert torch.equal(again["pooled"], first["pooled"])
+
+
+def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
+    # Two runs sharing data/cache: both write their file before either renames it into place
+    # (the interleaving that lost one run's file when they shared one temporary name).
+    images = load_split(processed, "val")["images"][:16]  # the key, not the features, is tested
+    both_written, save = threading.Barrier(2, timeout=60), torch.save
+
+    def save_then_wait(obj, f):
+        save(obj, f)
+        both_written.wait()
+
+    monkeypatch.setattr(torch, "save", save_then_wait)
+    results, errors = [], []
+
+    def build(model):
+        try:
+            results.append(cached_features(model, images, tmp_path, "cpu", flips=False, show_progress=False))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=build, args=(small_model("a", processed),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0][1] == results[1][1]
+    assert torch.equal(results[0][0]["pooled"], results[1][0]["pooled"])
+    assert [p.name for p in tmp_path.iterdir()] == [results[0][1].name]  # no temporary left
