@@ -1,7 +1,8 @@
 """torchrun, the nanoGPT way: this process's rank, and putting every rank's results together.
 
-    from distributed import RANK, WORLD_SIZE, MASTER, gather
+    from distributed import RANK, WORLD_SIZE, MASTER, gather, broadcast
     values = gather(value)        # [rank 0's value, rank 1's, ...] on every rank
+    value = broadcast(value)      # rank 0's value on every rank
 
 torchrun sets RANK and WORLD_SIZE; one process alone is rank 0 of 1, and every function
 here is then a no-op. train.py starts the process group and wraps the model in
@@ -26,6 +27,15 @@ def gather(value):
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def broadcast(value, src=0):
+    """Rank `src`'s value, on every rank: every rank calls it, and only `src`'s value matters."""
+    if not dist.is_initialized():
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=src)
+    return values[0]
 
 
 def all_ranks(labels, preds, loss_sum):

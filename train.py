@@ -30,7 +30,7 @@ from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_b
 from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch, uses_cache
+from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -161,6 +161,11 @@ def build(args, meta, tokenizer, device, run_dir):
     return model.to(device), None
 
 
+def uses_cache(args, model):
+    """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
+    return model.cacheable and not args.no_cache
+
+
 def make_batches(args, model, device):
     """Train and val batches (val split across ranks) and the seconds spent on the cache."""
     train_split = load_split(args.data, "train")
@@ -172,8 +177,8 @@ def make_batches(args, model, device):
     seconds = 0.0
     if uses_cache(args, model):
         t0 = time.time()
-        # Under torchrun every rank computes its share of the images, rank 0 writes the one
-        # file and every rank loads it; a failure on any rank ends all of them in one line.
+        # Under torchrun the ranks build it together and each node writes its own copy (no
+        # shared disk needed); a failure on any rank ends all of them in one line.
         train_features, path = cached_features(model, train_split["images"], args.cache_dir, device,
                                                flips=flip, amp=args.amp, show_progress=MASTER)
         val_features, _ = cached_features(model, val_split["images"], args.cache_dir, device,
@@ -368,11 +373,8 @@ def train(args, given):
     finally:
         if run.rows and MASTER:
             plot_curves(run.rows, run_dir / "curves.png")
-    # every rank: the cache's loading is collective under torchrun (rank 0 alone writes)
-    if WORLD_SIZE > 1:
-        dist.barrier()
-    calibrate(run_dir, args, device, run.mixed_precision)
     if MASTER:
+        calibrate(run_dir, run.val_batches, device, run.mixed_precision)
         print(f"best val macro-F1 {counters.best_f1:.4f}: {run_dir / 'best.pt'}")
     return 0
 

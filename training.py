@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoints import load_checkpoint, save_checkpoint
-from data import Batches, cached_features, load_split
+from data import Batches
 from distributed import RANK, WORLD_SIZE
 from metrics import ablations, calibration_error, evaluate, fit_temperature, temper
 from models import default_backbone_lr_scale, parameter_groups
@@ -52,11 +52,6 @@ class Run:
     rows: list = field(default_factory=list)  # log.csv's rows so far, as written there
     # the blank face's cached features, for --modality-dropout from the cache
     blank_features: dict | None = None
-
-
-def uses_cache(args, model):
-    """Train on cached features: the trunk is frozen, and there is an image branch to cache."""
-    return model.cacheable and not args.no_cache
 
 
 def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
@@ -162,19 +157,15 @@ def restore(state, run, device):
     run.counters = Counters(**{f.name: state[f.name] for f in fields(Counters)})
 
 
-def calibrate(run_dir, args, device, mixed_precision):
+def calibrate(run_dir, val_batches, device, mixed_precision):
     """best.pt gets the temperature that calibrates its val probabilities (Guo et al., 2017), and
     its val accuracy with each input taken away: what the demo quotes for a model that never saw
-    a missing input. Every rank loads the val cache (a collective under torchrun); rank 0 alone
-    scores and writes."""
+    a missing input. Global rank 0 alone calls it (nothing here is collective, so a node without
+    the run's files has nothing to wait for): it scores the whole val split, from the run's own
+    val features where it has them (a trunk frozen for the whole run gave best.pt's too)."""
     model, _, info = load_checkpoint(run_dir / "best.pt", device)
-    split = load_split(args.data, "val")
-    features = None
-    if uses_cache(args, model):
-        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=False,
-                                      amp=args.amp, show_progress=False)
-    if RANK > 0:
-        return
+    split = val_batches.split
+    features = val_batches.features
 
     def scored(pairs, pair_features):
         return evaluate(model, Batches(pairs, 256, device, features=pair_features), mixed_precision)

@@ -1,5 +1,7 @@
 """torchrun: two CPU processes (gloo) train exactly as one process does, and write one run."""
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -14,15 +16,36 @@ from metrics import evaluate
 from test_train import TIMING, read_log
 
 
-def test_two_processes_train_as_one(processed, cache, tmp_path):
-    # Model A with head dropout 0 has no randomness inside a step, so the ranks' slices of each
-    # global batch must add up to the one-process step. Batches of 25 over 420 pairs split
-    # 13 + 12 (and the last, 20, as 10 + 10): the loss scaling must make uneven slices exact,
-    # in fp32 (bf16 rounds a slice's sum otherwise than the whole batch's).
-    common = ["--model", "a", "--data", str(processed), *TINY, "--batch-size", "25", "--dropout", "0",
-              "--modality-dropout", "0", "--amp", "off"]
-    assert train.main([*common, "--out", str(tmp_path / "one"), "--cache-dir", str(cache),
-                       "--epochs", "2"]) == 0
+# Model A with head dropout 0 has no randomness inside a step, so the ranks' slices of each
+# global batch must add up to the one-process step. Batches of 25 over 420 pairs split 13 + 12
+# (and the last, 20, as 10 + 10): the loss scaling must make uneven slices exact, in fp32 (bf16
+# rounds a slice's sum otherwise than the whole batch's).
+EXACT = [*TINY, "--batch-size", "25", "--dropout", "0", "--modality-dropout", "0", "--amp", "off"]
+
+
+@pytest.fixture(scope="module")
+def one_process(processed, cache, tmp_path_factory):
+    """The 2-epoch run the torchrun runs are held to, trained in this process."""
+    out = tmp_path_factory.mktemp("one")
+    assert train.main(["--model", "a", "--data", str(processed), *EXACT, "--out", str(out), "--cache-dir",
+                       str(cache), "--epochs", "2"]) == 0
+    return out / "model_a"
+
+
+def assert_same_run(one, other):
+    """The same weights (within fp32 summation order) and the same log, timing aside."""
+    first, _, _ = load_checkpoint(one / "last.pt")
+    second, _, info = load_checkpoint(other / "last.pt")
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    logs = [[{k: v for k, v in row.items() if k not in TIMING} for row in read_log(run / "log.csv")]
+            for run in (one, other)]
+    assert len(logs[1]) == 2 and logs[0] == logs[1]  # metrics gathered over both ranks
+    return info
+
+
+def test_two_processes_train_as_one(processed, one_process, tmp_path):
+    common = ["--model", "a", "--data", str(processed), *EXACT]
     # As the README's torchrun commands: a run name, then --resume. Its first epoch runs in this
     # process, so one torchrun launch both resumes a run and trains an epoch on two ranks (rank 1,
     # which the saved run did not have, keeps its own seed).
@@ -34,17 +57,38 @@ def test_two_processes_train_as_one(processed, cache, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("| train loss") == 1  # rank 0 alone prints
-    one, _, _ = load_checkpoint(tmp_path / "one/model_a/last.pt")
-    two, _, info = load_checkpoint(tmp_path / "two/ddp/last.pt")
+    info = assert_same_run(one_process, tmp_path / "two/ddp")
     assert info["train_state"]["epoch"] == 2 and len(info["train_state"]["rng"]) == 2
-    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
-    logs = [[{k: v for k, v in row.items() if k not in TIMING} for row in read_log(path)]
-            for path in (tmp_path / "one/model_a/log.csv", tmp_path / "two/ddp/log.csv")]
-    assert len(logs[1]) == 2 and logs[0] == logs[1]  # metrics gathered over both ranks
     files = sorted(p.name for p in (tmp_path / "two/ddp").iterdir())
     assert files == ["args.json", "best.pt", "curves.png", "last.pt", "log.csv"]
     assert len(list((tmp_path / "cache2").iterdir())) == 2  # train and val, read by both ranks
+
+
+def test_two_nodes_without_a_shared_disk_train_as_one(processed, one_process, tmp_path):
+    # Two torchrun nodes on 127.0.0.1, one process each, each with its own copy of the data and
+    # its own cache and output folders, as nodes without a shared disk have.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [tmp_path / f"node{rank}" for rank in (0, 1)]
+    launches = []
+    for rank, node in enumerate(nodes):
+        shutil.copytree(processed, node / "data")
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                    "train.py", "--model", "a", *EXACT, "--data", str(node / "data"), "--out", str(node / "out"),
+                    "--cache-dir", str(node / "cache"), "--run-name", "nodes", "--epochs", "2"]
+        launches.append(subprocess.Popen(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [launch.communicate(timeout=300) for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], [err[-2000:] for _, err in results]
+    assert_same_run(one_process, nodes[0] / "out" / "nodes")
+    # global rank 0 alone writes the run; each node keeps its own, identical copy of the cache
+    assert not (nodes[1] / "out").exists()
+    names = sorted(p.name for p in (nodes[0] / "cache").iterdir())
+    assert len(names) == 2 and sorted(p.name for p in (nodes[1] / "cache").iterdir()) == names
+    for name in names:
+        assert (nodes[0] / "cache" / name).read_bytes() == (nodes[1] / "cache" / name).read_bytes()
 
 
 def test_no_train_flag_is_a_prefix_of_a_torchrun_option():

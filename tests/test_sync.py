@@ -217,7 +217,7 @@ def cache_worker(cache_dir, fail_on_rank):
     model.image_features = counting
     try:
         # 20 images in batches of 8: 3 batches a view, 6 with flips (3 + 3 per rank), 3
-        # without (1 + 2): uneven shares and a partial last batch
+        # without (2 + 1): uneven shares and a partial last batch
         for flips in (True, False):
             cached_features(model, split["images"], cache_dir, "cpu", flips=flips, batch_size=8,
                             show_progress=False)
@@ -262,8 +262,8 @@ def test_two_ranks_build_the_cache_one_process_would(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["batches", "9"]
     results = run_workers(ranks, 2)
     assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
-    # each rank computed its share: 3 + 1 batches on rank 0, 3 + 2 on rank 1
-    assert [out.split() for _, out, _ in results] == [["batches", "4"], ["batches", "5"]]
+    # each rank computed its share, rank 0 the larger: 3 + 2 batches on rank 0, 3 + 1 on rank 1
+    assert [out.split() for _, out, _ in results] == [["batches", "5"], ["batches", "4"]]
     files = sorted(p.name for p in alone.iterdir())
     assert len(files) == 2 and sorted(p.name for p in ranks.iterdir()) == files  # nothing left over
     for name in files:
