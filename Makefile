@@ -30,7 +30,7 @@ else
   TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
 endif
 
-.PHONY: install ready data train eval demo bench test test-fast quickstart clean
+.PHONY: install ready data train eval demo bench gpu-check test test-fast quickstart clean
 
 # .venv: made once, and the requirements installed again whenever requirements.txt changes.
 # A .venv without a working pip (made where python3-venv was missing) is removed, not reused.
@@ -79,6 +79,10 @@ endif
 
 bench: $(SETUP)
 	$(PYTHON) bench.py
+
+# Everything that needs a CUDA GPU, at the real size on synthetic faces: results/gpu-check.json
+gpu-check: $(SETUP)
+	$(PYTHON) gpu_check.py
 
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests

@@ -47,7 +47,7 @@ def test_device_gather_and_buffered_gather_serve_the_same_batches(processed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and async copies need CUDA")
+@pytest.mark.cuda
 def test_the_pinned_buffer_is_not_refilled_before_its_copy_has_left(processed):
     split = load_split(processed, "train")
     features = {"pooled": torch.randn(2, len(split["labels"]), 8).half()}

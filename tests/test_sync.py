@@ -130,7 +130,7 @@ def test_a_training_step_copies_nothing_and_reads_nothing_on_the_host(arch, devi
         assert calls, "the watch missed the copy of lengths from the host"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["a", "b"])
 def test_cuda_steps_never_sync(arch, tmp_path):
     """A few cached training steps as train.py takes them (autocast, fused AdamW, clipping),
