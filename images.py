@@ -1,18 +1,21 @@
 """Face images: reading them, and finding and cropping the faces in photos.
 
-    from images import read_image, load_photo, to_gray, detect_faces, face_square, crop_square
+    from images import read_image, load_photo, as_photo, to_gray, detect_faces, face_square, crop_square
     face = read_image("face.png", 75)           # uint8 (75, 75): how training images enter
     photo = load_photo("IMG_0042.jpg")           # uint8 (H, W[, 3]), upright, full resolution
+    photo = as_photo(pil_image_or_array)          # the same from a PIL image or a uint8 array
     gray = to_gray(photo)                         # uint8 (H, W)
     boxes = detect_faces(gray)                    # [(x, y, w, h), ...], largest first
     crop = crop_square(gray, face_square(boxes[0], gray.shape), 75)  # cropped like the training faces
     boxes, squares, crops = face_crops(gray, 75)  # every face at once, the centre square if none
 
-prepare_data.py and demo.py both read images here, so a photo and a training image are
-decoded the same way. The training faces are tight, aligned crops; a photo's face is
-cropped to match them before the model sees it (demo.py). What happens to a face after
+prepare_data.py and the recognizer (recognizer.py, behind demo.py and evaluate.py --pairs)
+both read images here, so a photo and a training image are decoded the same way. The
+training faces are tight, aligned crops; a photo's face is cropped to match them before the
+model sees it. What happens to a face after
 that (preprocessing, the trunk) is the model's: models.ImageEncoder.
 """
+import functools
 import os
 
 import numpy as np
@@ -41,25 +44,13 @@ CASCADE = "haarcascade_frontalface_default.xml"
 
 def load_photo(path):
     """Any image Pillow opens -> uint8 (H, W) gray or (H, W, 3) RGB at full resolution, as a
-    viewer shows it: EXIF orientation applied, 16-bit gray scaled to 8 bits (not clipped),
-    palette and alpha images composited onto white."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    viewer shows it (photo_array)."""
+    from PIL import Image, UnidentifiedImageError
     if not str(path).strip():
         raise DataError("an empty image path: give the name of an image file")
     try:
         with Image.open(path) as image:
-            # phones store pixels sideways plus an EXIF turn
-            image = ImageOps.exif_transpose(image)
-            # 16-bit gray (I;16, I;16B, I): keep its high byte
-            if image.mode.startswith("I"):
-                return (np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-            if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
-                # Transparent pixels hold arbitrary (often black) color: show them as white paper.
-                white = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(white, image.convert("RGBA"))
-            image = image.convert("L" if image.mode in ("1", "L", "F") else "RGB")
-            # a writable copy: torch.from_numpy wants one
-            return np.array(image, dtype=np.uint8)
+            return photo_array(image)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     # a few bytes that decode to gigabytes
@@ -67,6 +58,46 @@ def load_photo(path):
         raise DataError(f"{path}: too many pixels to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path} is not an image Pillow can read ({err})") from None
+
+
+def photo_array(image):
+    """An open PIL image -> uint8 (H, W) gray or (H, W, 3) RGB: EXIF orientation applied, 16-bit
+    gray scaled to 8 bits (not clipped), palette and alpha images composited onto white."""
+    from PIL import Image, ImageOps
+    # phones store pixels sideways plus an EXIF turn
+    image = ImageOps.exif_transpose(image)
+    # 16-bit gray (I;16, I;16B, I): keep its high byte
+    if image.mode.startswith("I"):
+        return (np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        # Transparent pixels hold arbitrary (often black) color: show them as white paper.
+        white = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("L" if image.mode in ("1", "L", "F") else "RGB")
+    # a writable copy: torch.from_numpy wants one
+    return np.array(image, dtype=np.uint8)
+
+
+def as_photo(image):
+    """A path, an open PIL image or a numpy uint8 array (H, W) gray or (H, W, 3) RGB -> the
+    uint8 photo load_photo gives: what the recognizer accepts as a face photo."""
+    from PIL import Image
+    if isinstance(image, (str, os.PathLike)):
+        return load_photo(image)
+    if isinstance(image, Image.Image):
+        try:
+            return photo_array(image)
+        # a lazily decoded file that turns out truncated or corrupt
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"the PIL image cannot be decoded ({err})") from None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise DataError(f"an image array must be uint8 (H, W) gray or (H, W, 3) RGB, got {image.dtype} "
+                            f"{image.shape}: convert it, e.g. with np.asarray(pil_image.convert('RGB'))")
+        if min(image.shape[:2]) == 0:
+            raise DataError(f"an empty image array {image.shape}")
+        return image
+    raise DataError(f"an image is a path, a PIL image or a numpy uint8 array, not a {type(image).__name__}")
 
 
 def to_gray(photo):
@@ -89,6 +120,14 @@ def read_image(path, size):
     return resize_square(to_gray(load_photo(path)), size)
 
 
+@functools.cache
+def face_cascade():
+    """OpenCV's frontal-face cascade, read once a process: reading its XML takes about 8 ms, a
+    quarter of a detection on a 320 px photo, and a batch reads many photos."""
+    import cv2
+    return cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CASCADE))
+
+
 def detect_faces(gray):
     """Frontal faces in a uint8 (H, W) image -> [(x, y, w, h), ...] in its pixels, largest first.
     OpenCV is imported here: training and evaluation never need it."""
@@ -99,11 +138,10 @@ def detect_faces(gray):
     height = gray.shape[0] // k
     width = gray.shape[1] // k
     small = cv2.resize(gray[:height * k, :width * k], (width, height), interpolation=cv2.INTER_AREA)
-    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CASCADE))
     # minSize 24: the cascade's own window. minNeighbors 8, not the usual 5: with 5, two copies of
     # the test photo side by side also gave two boxes on the space suit; 8 still finds 117 of the 120
     # synthetic faces that 5 finds (the synthetic FACE_MARGIN measurement).
-    found = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=8, minSize=(24, 24))
+    found = face_cascade().detectMultiScale(small, scaleFactor=1.1, minNeighbors=8, minSize=(24, 24))
     boxes = [tuple(int(v) * k for v in box) for box in found]
     return sorted(boxes, key=lambda box: -box[2] * box[3])
 

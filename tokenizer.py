@@ -1,9 +1,10 @@
 """The tokenizer: a deterministic WordPiece vocabulary learned from the train texts, and
 sentences encoded into the padded id tensors every model reads.
 
-    from tokenizer import train_tokenizer, encode_texts
+    from tokenizer import train_tokenizer, encode_texts, encode_counted
     tokenizer_json = train_tokenizer(train_texts, vocab_size=5000)["json"]
     input_ids, lengths = encode_texts(tokenizer, ["so happy today"], max_len=64)
+    input_ids, lengths, counts = encode_counted(tokenizer, texts, max_len=64)  # counts: before the cut
 
 prepare_data.py trains it once; data.py loads the saved tokenizer.json; the demo and the
 checkpoints carry its JSON. Reading and writing files is not done here.
@@ -93,6 +94,13 @@ def train_tokenizer(train_texts, vocab_size):
 
 def encode_texts(tokenizer, texts, max_len):
     """Tokenize sentences -> input_ids int32 [N, max_len] (0 = pad, right-padded), lengths int16 [N]."""
+    input_ids, lengths, _ = encode_counted(tokenizer, texts, max_len)
+    return input_ids, lengths
+
+
+def encode_counted(tokenizer, texts, max_len):
+    """encode_texts, plus each sentence's token count before the cut (a list of N ints): a
+    count above max_len is a sentence the model reads only the start of."""
     encodings = tokenizer.encode_batch(list(texts))
     input_ids = np.zeros((len(encodings), max_len), dtype=np.int32)
     lengths = np.zeros(len(encodings), dtype=np.int16)
@@ -101,4 +109,5 @@ def encode_texts(tokenizer, texts, max_len):
         ids = encoding.ids[:max_len]
         input_ids[row, : len(ids)] = ids
         lengths[row] = len(ids)
-    return torch.from_numpy(input_ids), torch.from_numpy(lengths)
+    counts = [len(encoding.ids) for encoding in encodings]
+    return torch.from_numpy(input_ids), torch.from_numpy(lengths), counts
