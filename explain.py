@@ -10,11 +10,10 @@ without one (Model A) the drop in P(target) when each cell of a 7 x 7 grid is gr
 figure puts the photo with its face boxes, the crop under its heatmap, the probabilities and
 the shaded sentence on one PNG, written atomically.
 
-`predict` (calibrated probabilities) lives here because each explanation is a batch of
-predictions on changed inputs; demo.py imports it for its own answer, with `pyplot` and
-MODALITY_NAMES, so the import goes one way and this module never imports demo.py.
-Not here (demo.py): parsing the command line, choosing the checkpoint, reading the photo and
-sentence (demo.Inputs, read here by attribute), the printed report, and --examples.
+Each explanation is a batch of predictions on changed inputs, made with the recognizer's
+`predict` (calibrated probabilities); demo.py imports `pyplot` from here for --examples.
+Not here: reading the photo and sentence (recognizer.PreparedPair, read here by attribute),
+choosing the checkpoint (recognizer.py), the command line and the printed report (demo.py).
 """
 import itertools
 import textwrap
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from data import BLANK_PIXEL
+from recognizer import MODALITY_NAMES, predict
 from runtime import DataError, atomic_write
 
 # Model A's map: 7 x 7 patches, Model B's region grid at 224 px
@@ -30,17 +30,6 @@ OCCLUSION_GRID = 7
 # the explain figure's sentence: characters a line, inches a line
 WRAP = 80
 LINE_INCHES = 0.27
-# a --modality as the figure's title and demo.py's notes name it
-MODALITY_NAMES = {"both": "fused", "image": "image-only", "text": "text-only"}
-
-
-@torch.inference_mode()
-def predict(model, images, input_ids, lengths, device, *, temperature):
-    """uint8 images [N,S,S] + token ids [N,L] (0 = pad) -> calibrated probabilities [N,C]."""
-    width = max(int(lengths.max()), 1)
-    model.eval()
-    logits = model(input_ids[:, :width].long().to(device), lengths.long(), images=images.to(device))
-    return (logits.float() / temperature).softmax(1).cpu()
 
 
 def pyplot():

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import demo
+import recognizer
 from data import BLANK_PIXEL, CLASSES
 from images import detect_faces
 from checkpoints import load_checkpoint
@@ -60,40 +61,6 @@ def test_bar_list_starts_with_the_argmax(runs, tmp_path, capsys):
     assert demo.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == label and len(lines) == 8 and lines[1].split()[0] == label
-
-
-def fake_run(root, name, arch, val_f1s, modality=None):
-    """A run folder as train.py leaves it, as far as default_checkpoint reads it (an older
-    args.json has no modality: a fused run)."""
-    run = root / name
-    run.mkdir()
-    (run / "best.pt").touch()
-    (run / "args.json").write_text(json.dumps({"model": arch, **({"modality": modality} if modality else {})}))
-    (run / "log.csv").write_text("epoch,val_macro_f1\n" + "".join(f"{i},{f1}\n" for i, f1 in enumerate(val_f1s)))
-
-
-def test_default_checkpoint_prefers_model_b(runs, tmp_path):
-    assert demo.default_checkpoint(runs)[0] == str(runs / "model_b" / "best.pt")
-    # Two runs of one architecture: the best epoch's val macro-F1 decides, not the last one's
-    # and not the folder name; a Model A run scoring higher still loses to Model B.
-    fake_run(tmp_path, "b_first", "b", [0.40, 0.62, 0.55])
-    fake_run(tmp_path, "b_second", "b", [0.50, 0.58, 0.60])
-    fake_run(tmp_path, "a_best", "a", [0.90])
-    path, why = demo.default_checkpoint(tmp_path)
-    assert path == str(tmp_path / "b_first" / "best.pt")
-    assert "Model B, fused, val macro-F1 0.620: the best of 3 run(s)" in why
-
-
-def test_default_checkpoint_prefers_fused_models_and_says_why(tmp_path):
-    # Issue 19: a text-only B run scoring higher than the fused one was picked.
-    fake_run(tmp_path, "b_text", "b", [0.60], modality="text")
-    fake_run(tmp_path, "a_image", "a", [0.70], modality="image")
-    assert demo.default_checkpoint(tmp_path)[1].startswith("Model B, text-only, val macro-F1 0.600: no fused run")
-    fake_run(tmp_path, "a_fused", "a", [0.50])
-    assert demo.default_checkpoint(tmp_path)[0] == str(tmp_path / "a_fused" / "best.pt")
-    fake_run(tmp_path, "b_fused", "b", [0.55], modality="both")
-    path, why = demo.default_checkpoint(tmp_path)
-    assert path == str(tmp_path / "b_fused" / "best.pt") and "fused" in why and "4 run(s)" in why
 
 
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
@@ -330,7 +297,7 @@ def test_explain_any_model_with_any_input(runs, variants, tmp_path, capsys, name
 
 
 def test_inputs_are_checked_before_the_checkpoint_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_checkpoint", lambda *args: pytest.fail("the checkpoint was loaded first"))
+    monkeypatch.setattr(recognizer, "load_checkpoint", lambda *args: pytest.fail("the checkpoint was loaded first"))
     (tmp_path / "notes.png").write_text("not an image")
     for image, words in [(tmp_path / "missing.png", "no such file"), (tmp_path / "notes.png", "not an image"),
                          ("", "--image is empty"), ("  ", "--image is empty")]:
@@ -355,7 +322,13 @@ def test_help_shows_every_flag_its_default_and_the_examples(capsys):
         demo.parse_args(["--help"])
     out = capsys.readouterr().out
     assert stop.value.code == 0 and 'python demo.py --text "what a day"' in out
-    assert "needed unless --examples is given" in out and "(default: examples.png)" in out
+    assert 'python demo.py --pairs pairs.csv --out predictions.csv' in out and "python demo.py --images" in out
+    # the options rewrapped as one line: where argparse breaks a line depends on the terminal
+    options = " ".join(out.split("options:")[1].split())
+    assert "needed unless --examples is given" in options and "(default: examples.png)" in options
+    for flag in ("--pairs CSV", "--images DIR", "--batch-size", "--checkpoint PATH [PATH ...]"):
+        assert flag in options
+    assert "(default: predictions.csv)" in options
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

@@ -1,0 +1,191 @@
+"""demo.py --pairs and --images: one row a face, equal to single predictions; a bad row is a row
+with its reason and the run goes on; a bad CSV is one line naming its line; a stopped run keeps
+its rows and the same command goes on from there, nothing lost and nothing twice."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import demo
+import recognizer
+from data import CLASSES
+from recognizer import EmotionRecognizer
+from test_demo import PHOTO, predict_json, run_demo
+from test_recognizer import foreign_tokenizer, two_faces
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path, lines, encoding="utf-8"):
+    path.write_bytes("\n".join(lines).encode(encoding) + b"\n")
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of photos beside the CSV that names them: one face, two faces, none, not an image."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(PHOTO, folder / "one.jpg")
+    two_faces(folder / "two.png")
+    Image.fromarray(np.tile(np.linspace(0, 255, 200).astype(np.uint8), (100, 1))).save(folder / "plain.png")
+    (folder / "notes.jpg").write_text("not an image")
+    return folder
+
+
+def batch(capsys, checkpoint, *argv):
+    code, out, err = run_demo(capsys, *argv, "--checkpoint", checkpoint)
+    return code, out.splitlines(), err
+
+
+def test_pairs_give_a_row_a_face_equal_to_single_predictions(runs, photos, tmp_path, capsys):
+    checkpoint = runs / "model_b" / "best.pt"
+    pairs = write_csv(tmp_path / "pairs.csv", [
+        "image,text", "photos/one.jpg,what a day", "photos/two.png,so angry at everyone", ",i can't stop smiling",
+        "photos/one.jpg,", "photos/plain.png,so calm", "photos/missing.jpg,hi", "photos/notes.jpg,hi",
+        ",", '"photos/one.jpg","a sentence, with a comma ' + "and more words " * 20 + '"'])
+    out = tmp_path / "predictions.csv"
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out, "--batch-size", "3")
+    assert code == 0
+    written = rows(out)
+    # line 9 holds neither an image nor a text: a blank line, skipped
+    assert [row["line"] for row in written] == ["2", "3", "3", "4", "5", "6", "7", "8", "10"]
+    assert list(written[0])[:10] == ["line", "image", "text", "face", "faces", "box_x", "box_y", "box_w", "box_h",
+                                     "label"]
+    assert list(written[0])[10:] == [*CLASSES, "inputs", "truncated", "error", "warning"]
+    # each row against the same pair predicted alone
+    model = EmotionRecognizer.load(checkpoint, device="cpu")
+    for row in written:
+        if row["error"]:
+            continue
+        image = tmp_path / row["image"] if row["image"] else None
+        single = model.predict(image, row["text"] or None)
+        face = single.faces[int(row["face"]) - 1] if row["face"] else single
+        assert {name: float(row[name]) for name in CLASSES} == pytest.approx(face.probabilities, abs=1e-5)
+        assert row["label"] == face.label and row["inputs"] == "+".join(single.inputs)
+        assert row["truncated"] == str(single.truncated) and int(row["faces"]) == len(single.faces)
+        if row["face"]:
+            box = single.faces[int(row["face"]) - 1].box
+            assert [int(row[k]) for k in ("box_x", "box_y", "box_w", "box_h")] == box
+    by_line = {row["line"]: row for row in written}
+    assert by_line["4"]["inputs"] == "text" and by_line["4"]["box_x"] == "" and by_line["5"]["inputs"] == "image"
+    assert by_line["6"]["faces"] == "0" and by_line["6"]["warning"].startswith("no face found")
+    assert "no such file" in by_line["7"]["error"] and "not an image" in by_line["8"]["error"]
+    assert by_line["10"]["truncated"] == "True" and "the rest is cut" in by_line["10"]["warning"]
+    assert stdout[-1].startswith(f"{out}: 8 pair(s) predicted, 9 row(s) written; 2 row(s) failed (")
+    for reason in ("1 no such file", "1 not an image Pillow can read", "1 no face found"):
+        assert reason in stdout[-1]
+    assert "note: 1 pair(s) without text: the model reads an empty sentence in its place" in err
+
+
+def test_a_folder_of_photos_with_a_shared_sentence(runs, photos, tmp_path, capsys):
+    (photos / "._one.jpg").write_bytes(b"\0\5\26\7")  # a macOS shadow file: not a photo
+    (photos / "readme.txt").write_text("not a photo either")
+    out = tmp_path / "folder.csv"
+    code, stdout, err = batch(capsys, runs / "model_a" / "best.pt", "--images", photos, "--text", "so happy",
+                              "--out", out)
+    written = rows(out)
+    assert code == 0 and [row["image"] for row in written] == ["notes.jpg", "one.jpg", "plain.png", "two.png", "two.png"]
+    assert {row["text"] for row in written} == {"so happy"} and {row["line"] for row in written} == {""}
+    assert "not an image" in written[0]["error"] and written[1]["inputs"] == "image+text"
+    assert stdout[-1].startswith(f"{out}: 4 pair(s) predicted, 5 row(s) written; 1 row(s) failed")
+
+
+def test_a_bad_csv_is_one_line_naming_the_line(runs, tmp_path, capsys):
+    checkpoint = runs / "model_a" / "best.pt"
+    out = tmp_path / "predictions.csv"
+    no_text = write_csv(tmp_path / "no_text.csv", ["image,caption", "a.jpg,hi"])
+    latin = write_csv(tmp_path / "latin.csv", ["image,text", "a.jpg,hi", "b.jpg,déjà vu"], encoding="latin-1")
+    for pairs, words in [(no_text, "line 1 (the header) has no text column"), (latin, "line 3 is not UTF-8"),
+                         (tmp_path / "none.csv", "cannot read")]:
+        code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+        assert code == 2 and stdout == [] and len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not out.exists()
+    for argv, words in [(["--pairs", "p.csv", "--image", "x.jpg"], "leave out --image"),
+                        (["--pairs", "p.csv", "--images", "dir"], "two runs"),
+                        (["--pairs", "p.csv", "--json"], "for one prediction"),
+                        (["--text", "hi", "--out", "x.csv"], "--out names what")]:
+        with pytest.raises(SystemExit) as stop:
+            demo.parse_args(argv)
+        assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_stopped_run_goes_on_where_it_stopped(runs, photos, tmp_path, capsys, monkeypatch):
+    checkpoint = runs / "model_b" / "best.pt"
+    lines = ["image,text"] + [f"photos/{name},sentence number {i}"
+                              for i, name in enumerate(["one.jpg", "two.png", "plain.png", "notes.jpg"] * 2)]
+    pairs = write_csv(tmp_path / "pairs.csv", lines)
+    whole = tmp_path / "whole.csv"
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", whole, "--batch-size", "2")[0] == 0
+    # Ctrl-C while the third batch is read: the first two batches' rows are in the file
+    real = recognizer.face_crops
+    calls = []
+
+    def stop_at_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "face_crops", stop_at_the_fifth)
+    out = tmp_path / "predictions.csv"
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out, "--batch-size", "2")
+    assert code == 130 and err[-1].startswith("stopped: 5 row(s) are in") and len(calls) == 5
+    assert [row["line"] for row in rows(out)] == ["2", "3", "3", "4", "5"]
+    monkeypatch.setattr(recognizer, "face_crops", real)
+    # a run killed while writing a pair's rows: its last line cut short
+    text = out.read_text()
+    out.write_text(text + text.splitlines()[2][:30])
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out, "--batch-size", "2")
+    assert code == 0 and "4 pair(s) predicted" in stdout[-1] and "4 pair(s) there already" in stdout[-1]
+    resumed = rows(out)
+    same_rows(resumed, rows(whole))
+    # once more: nothing left to do, nothing written twice
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", out)[1][-1].startswith(f"{out}: 0 pair(s) predicted")
+    assert rows(out) == resumed
+
+
+def same_rows(mine, theirs):
+    """The same rows, their probabilities within 1e-5 (another batch, other float rounding)."""
+    assert len(mine) == len(theirs)
+    for row, other in zip(mine, theirs):
+        assert {k: v for k, v in row.items() if k not in CLASSES} == {k: v for k, v in other.items() if k not in CLASSES}
+        assert [float(row[c] or 0) for c in CLASSES] == pytest.approx([float(other[c] or 0) for c in CLASSES], abs=1e-5)
+
+
+def test_a_pair_cut_short_is_predicted_again(runs, photos, tmp_path, capsys):
+    # The two faces' rows of one pair, the second never written: that pair is done again, whole.
+    checkpoint = runs / "model_a" / "best.pt"
+    pairs = write_csv(tmp_path / "pairs.csv", ["image,text", "photos/one.jpg,hi", "photos/two.png,hi"])
+    out = tmp_path / "predictions.csv"
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", out)[0] == 0
+    whole = rows(out)
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+    assert code == 0 and "1 pair(s) predicted, 2 row(s) written, 1 pair(s) there already" in stdout[-1]
+    same_rows(rows(out), whole)
+    # a file of another command is refused, untouched
+    other = write_csv(tmp_path / "other.csv", ["a,b", "1,2"])
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", other)
+    assert code == 2 and len(err) == 1 and "pass another --out" in err[0] and other.read_text() == "a,b\n1,2\n"
+
+
+def test_demo_with_an_ensemble(runs, tmp_path, capsys):
+    paths = [runs / "model_a" / "best.pt", runs / "model_b" / "best.pt"]
+    alone = [predict_json(path, PHOTO, "what a day", capsys)["probabilities"] for path in paths]
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--text", "what a day", "--json", "--checkpoint", *paths)
+    assert code == 0
+    mean = {name: (alone[0][name] + alone[1][name]) / 2 for name in CLASSES}
+    assert json.loads(out)["probabilities"] == pytest.approx(mean, abs=1e-6)
+    foreign = foreign_tokenizer(paths[1], tmp_path / "foreign.pt")
+    code, out, err = run_demo(capsys, "--image", PHOTO, "--checkpoint", paths[0], foreign)
+    assert code == 2 and out == "" and len(err) == 1 and "its tokenizer differs" in err[0]
+    with pytest.raises(SystemExit) as stop:
+        demo.parse_args(["--image", "x.jpg", "--explain", "x.png", "--checkpoint", "a.pt", "b.pt"])
+    assert stop.value.code == 2
