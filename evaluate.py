@@ -1,7 +1,10 @@
-"""Score a checkpoint on the fixed test (or val) pairs, in the reference's results format.
+"""Score a checkpoint (or an ensemble of several) on the fixed test (or val) pairs, or on a
+CSV of one's own labelled pairs, in the reference's results format.
 
     python evaluate.py --checkpoint checkpoints/model_b/best.pt
     python evaluate.py --checkpoint checkpoints/model_a/best.pt --split val --ablate --tta
+    python evaluate.py --checkpoint runs/s0/best.pt runs/s1/best.pt runs/s2/best.pt   # one ensemble row
+    python evaluate.py --checkpoint checkpoints/model_b/best.pt --pairs mine.csv      # image,text,label
 
 Deterministic: the pairs were fixed by prepare_data.py, nothing is augmented and the
 bootstrap is seeded, so the same checkpoint gives the same numbers every time. Prints a
@@ -9,35 +12,32 @@ per-class table, 95 % intervals and the calibration error (with the temperature 
 the checkpoint and without it), writes the confusion matrix (CSV + PNG) next to the
 checkpoint and appends one row to the results CSV. By default the forward pass runs at the
 precision the run was trained at (its --amp).
+
+Several checkpoints of one data set (one tokenizer, one class list) are an ensemble: each
+member's calibrated probabilities are averaged, and the row is named for all of them.
+--pairs reads a CSV with the columns image,text,label (a class name; photo paths relative to
+the CSV; image or text may be empty): each photo's largest face is found and cropped as
+demo.py does, and the pairs are scored like a prepared split. A row whose photo cannot be
+read is left out, with a warning that counts it.
 """
-import csv
-import fcntl
-import io
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import classification_report, confusion_matrix
 
 import leaks
-from checkpoints import CheckpointError, check_compatible, load_checkpoint
+from checkpoints import CheckpointError, check_compatible
 from data import Batches, cached_features, load_meta, load_split, load_tokenizer
 from metrics import (ECE_BINS, RESAMPLES, ablations, bootstrap, calibration_error, evaluate, summarize,
                      temper)
+from pairs import LABELLED, read_pairs
+from recognizer import EmotionRecognizer
+from results import append_row, ensemble_row, print_results, results_row
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-
-REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro_Recall",
-                     "Macro_F1", "Final_Train_Accuracy", "Final_Val_Accuracy",
-                     "Best_Val_Accuracy", "Cross_Attention", "Dropout", "Learning_Rate",
-                     "Epochs", "Batch_Size", "Transformer_Layers", "Transformer_Heads",
-                     "Optimizer", "Data_Augmentation"]
-EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
-                 "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
-                 "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Trunk", "Finetuned", "Train_Seconds",
-                 "Leak_Fraction"]
-
 
 def score(model, split, features, batch_size, device, mixed_precision, tta=False):
     """evaluate() over a whole split. `features`: the trunk cache, dicts of [V,N,...] (variant 1
@@ -54,10 +54,18 @@ def score(model, split, features, batch_size, device, mixed_precision, tta=False
     plain = one_view(0)
     if not tta:
         return plain
-    mirrored = one_view(1)
-    # log of the mean probability, as a logsumexp: exact where a probability underflows to 0
-    both = torch.stack([plain["log_probs"], mirrored["log_probs"]])  # (2, N, C)
-    return summarize(torch.logsumexp(both, dim=0) - math.log(2), torch.from_numpy(plain["labels"]))
+    return mean_of([plain, one_view(1)])
+
+
+def mean_of(results):
+    """score()'s results of the same pairs (views of them, or ensemble members) -> the result of
+    their mean probabilities. The log of the mean as a logsumexp: exact where a probability
+    underflows to 0. One result is returned as it is."""
+    if len(results) == 1:
+        return results[0]
+    stacked = torch.stack([result["log_probs"] for result in results])  # (V, N, C)
+    return summarize(torch.logsumexp(stacked, dim=0) - math.log(len(results)),
+                     torch.from_numpy(results[0]["labels"]))
 
 
 def calibrate(result, temperature):
@@ -65,123 +73,6 @@ def calibrate(result, temperature):
     temperature. Under --tta the temperature, fitted on single views, divides the averaged
     log-probabilities: the predictions, and so every score but the ECE, stay as they were."""
     return summarize(temper(result["log_probs"], temperature), torch.from_numpy(result["labels"]))
-
-
-def trunk_origin(cfg):
-    """Where the trunk's weights started: imagenet, random, or the --trunk-from checkpoint."""
-    if cfg.get("trunk_from"):
-        return cfg["trunk_from"]
-    return "imagenet" if cfg["pretrained"] else "random"
-
-
-def results_row(result, stats, classes, info, args, meta):
-    """One row of the results CSV: the reference's 17 columns, per-class scores, extras.
-    `stats`: the bootstrap intervals, both ECEs, the temperature and the leak fraction."""
-    labels = result["labels"]
-    preds = result["preds"]
-    ids = range(len(classes))
-    precision, recall, _, _ = precision_recall_fscore_support(
-        labels, preds, labels=ids, average="macro", zero_division=0)
-    _, _, weighted_f1, _ = precision_recall_fscore_support(
-        labels, preds, labels=ids, average="weighted", zero_division=0)
-    per_class = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    cfg = info["config"]
-    train_args = info["args"] or {}
-    metrics = info["metrics"]
-    checkpoint = Path(args.checkpoint)
-    is_b = cfg["arch"] == "b"
-    augmented = cfg.get("augment", False) or not (train_args.get("no_flip", True)
-                                                  and train_args.get("no_redraw", True))
-    row = {"Experiment_ID": f"{checkpoint.parent.name}/{checkpoint.stem}",
-           "Test_Accuracy": result["accuracy"], "Macro_Precision": precision,
-           "Macro_Recall": recall, "Macro_F1": result["macro_f1"],
-           "Final_Train_Accuracy": metrics.get("train_accuracy", ""),
-           "Final_Val_Accuracy": metrics.get("val_accuracy", ""),
-           "Best_Val_Accuracy": metrics.get("best_val_accuracy", ""),
-           "Cross_Attention": is_b and cfg["cross_attention"], "Dropout": cfg["dropout"],
-           "Learning_Rate": train_args.get("lr", ""), "Epochs": train_args.get("epochs", ""),
-           "Batch_Size": train_args.get("batch_size", ""),
-           "Transformer_Layers": cfg["n_layers"] if is_b else "",
-           "Transformer_Heads": cfg["n_heads"] if is_b else "", "Optimizer": "AdamW",
-           "Data_Augmentation": augmented}
-    for name, p, r, f in zip(classes, *per_class[:3]):
-        row.update({f"{name}_F1": f, f"{name}_Precision": p, f"{name}_Recall": r})
-    row.update({"Model": cfg["arch"].upper(), "Modality": cfg.get("modality", "both"),
-                "Run": checkpoint.parent.name, "Checkpoint_Epoch": metrics.get("epoch", ""),
-                "Split": args.split, "TTA": args.tta,
-                "Accuracy_CI_Low": stats["accuracy"][0], "Accuracy_CI_High": stats["accuracy"][1],
-                "Macro_F1_CI_Low": stats["macro_f1"][0], "Macro_F1_CI_High": stats["macro_f1"][1],
-                "ECE": stats["ece"], "ECE_Uncalibrated": stats["ece_uncalibrated"],
-                "Temperature": stats["temperature"], "Weighted_F1": weighted_f1, "Data_Source": meta["sources"].get("kind", ""),
-                "Trunk": trunk_origin(cfg), "Finetuned": cfg["finetune"],
-                "Train_Seconds": metrics.get("train_seconds", ""),
-                "Leak_Fraction": "" if stats["leak_fraction"] is None else stats["leak_fraction"]})
-    columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes
-                                   for kind in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
-    # plain numbers: 0.8319, not "83.19%"
-    return {k: round(float(row[k]), 6) if isinstance(row[k], (float, np.floating)) else row[k]
-            for k in columns}
-
-
-def append_row(path, row):
-    """Append `row` to the results CSV, replacing the file atomically. A file written before a
-    column existed gains it (empty in its older rows); one with columns this project never
-    writes is refused. Evaluations that finish together (a sweep, two shells) take turns:
-    the read, change and replace hold an exclusive lock, without which the later replace
-    would drop the earlier row without a word."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A lock file of its own: the CSV is a new file after every replace, so a lock on it
-        # would be a lock on a file the next evaluation no longer opens.
-        with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with atomic_write(path) as tmp:
-                tmp.write_text(appended(path, row))
-    except OSError as err:
-        raise DataError(f"cannot write {path}: {err.strerror or err}; pass --results NEW.csv") from None
-
-
-def appended(path, row):
-    """The text of the results CSV at `path` with `row` added."""
-    old = path.read_text() if path.exists() else ""
-    columns = list(row)
-    old_columns = next(csv.reader(io.StringIO(old)), [])
-    if not set(old_columns) <= set(columns):
-        raise DataError(f"{path} has other columns than this project writes: "
-                        "pass --results NEW.csv")
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
-    if old_columns == columns:
-        out.write(old)
-    else:
-        # a new file, or one from before some column existed: written again under this header
-        writer.writeheader()
-        writer.writerows(csv.DictReader(io.StringIO(old)))
-    writer.writerow(row)
-    return out.getvalue()
-
-
-def number(row, column, spec):
-    """A results cell formatted, or '-' where an older row has none."""
-    return format(float(row[column]), spec) if row.get(column) else "-"
-
-
-def print_results(path):
-    """The results file so far, one line a row: the comparison across runs."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':3s} "
-          f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'uncal.':>6s} {'T':>5s} "
-          f"{'train s':>8s}")
-    for row in rows:
-        accuracy = (f"{float(row['Test_Accuracy']):.4f} [{float(row['Accuracy_CI_Low']):.4f}, "
-                    f"{float(row['Accuracy_CI_High']):.4f}]")
-        tta = "yes" if row["TTA"] == "True" else "no"
-        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} {tta:3s} "
-              f"{accuracy:>24s} {float(row['Macro_F1']):8.4f} {number(row, 'ECE', '6.4f'):>6s} "
-              f"{number(row, 'ECE_Uncalibrated', '6.4f'):>6s} {number(row, 'Temperature', '5.2f'):>5s} "
-              f"{number(row, 'Train_Seconds', '.0f'):>8s}")
 
 
 def save_confusion(matrix, classes, stem):
@@ -224,11 +115,16 @@ def print_ablations(rows, classes, text_classes):
 
 def parse_args(argv=None):
     p = script_parser(__doc__)
-    p.add_argument("--checkpoint", required=True,
-                   help="a train.py checkpoint, e.g. checkpoints/model_b/best.pt")
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="PATH",
+                   help="a train.py checkpoint, e.g. checkpoints/model_b/best.pt, or several of one data "
+                        "set: an ensemble of their calibrated probabilities, scored as one row")
     p.add_argument("--data", default="data/processed",
                    help="the prepared data (prepare_data.py --out) the model was trained on")
     p.add_argument("--split", choices=["test", "val"], default="test", help="the pairs to score")
+    p.add_argument("--pairs", metavar="CSV", help="score one's own labelled pairs instead of --data: a CSV "
+                   "with the columns image,text,label (a class name); photo paths relative to the CSV")
+    p.add_argument("--no-detect", action="store_true",
+                   help="--pairs: no face detection, each photo's centre square is its face")
     p.add_argument("--results", default="test_results.csv",
                    help="the results CSV: one row is appended per evaluation")
     p.add_argument("--ablate", action="store_true",
@@ -255,61 +151,145 @@ def run_amp(flag, info):
     return (info["args"] or {}).get("amp", "auto")
 
 
-def run(args):
-    device = pick_device(args.device)
-    model, tokenizer, info = load_checkpoint(args.checkpoint, device)
-    meta = load_meta(args.data)
-    check_compatible(info, load_tokenizer(args.data), meta)
-    split = load_split(args.data, args.split)
+def labelled_split(pairs, recognizer, path):
+    """A pairs CSV's rows -> a split as load_split gives it: each photo's largest face cropped as
+    the demo crops it (or the blank face), its sentence's ids, its label. Rows that cannot be
+    read are left out and counted in one warning; an unknown label is a DataError."""
+    index = {name.lower(): i for i, name in enumerate(recognizer.classes)}
+    prepared = []
+    labels = []
+    dropped = []
+    for pair in pairs:
+        label = index.get((pair.label or "").lower())
+        if label is None:
+            raise DataError(f"{path}: line {pair.line}: the label {pair.label or ''!r} is not one of the "
+                            f"checkpoint's classes ({', '.join(recognizer.classes)})")
+        try:
+            prepared.append(recognizer.prepare(pair.path, pair.text))
+        except DataError as err:
+            dropped.append(f"line {pair.line}: {err}")
+            continue
+        labels.append(label)
+    if dropped:
+        print(f"warning: {len(dropped)} of {len(pairs)} rows left out of the score, first {dropped[0]}")
+    if not prepared:
+        raise DataError(f"{path}: no pair to score")
+    return {"images": torch.stack([p.crops[0] for p in prepared]), "labels": torch.tensor(labels),
+            "input_ids": torch.cat([p.input_ids for p in prepared]),
+            "lengths": torch.cat([p.lengths for p in prepared])}
+
+
+@dataclass
+class Scored:
+    """One checkpoint's pass over the split, and how it scores changed pairs (--ablate)."""
+    model: object
+    features: dict | None  # the trunk cache, or None
+    again: object          # (pairs, features) -> calibrated result
+    uncalibrated: dict
+    calibrated: dict
+    precision: str
+
+
+def score_member(model, info, split, args, device, cache):
+    """score() one checkpoint at its run's precision, from the feature cache where `cache`."""
     amp = run_amp(args.amp, info)
     mixed_precision, amp_dtype = autocast(device, amp)
     # a text-only model has no trunk; it ignores the images it is served
     features = None
-    if model.cacheable and not args.no_cache:
+    if cache and model.cacheable and not args.no_cache:
         # --tta reads the mirrors from the cache too (variant 1)
         features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=args.tta,
                                       amp=amp)
+    temperature = float(info["temperature"])
 
-    def scored(pairs, pair_features):
+    def uncalibrated(pairs, pair_features):
         return score(model, pairs, pair_features, args.batch_size, device, mixed_precision, args.tta)
 
-    uncalibrated = scored(split, features)
-    temperature = float(info["temperature"])
-    result = calibrate(uncalibrated, temperature)
-    classes = info["classes"]
+    def calibrated(pairs, pair_features):
+        return calibrate(uncalibrated(pairs, pair_features), temperature)
+
+    plain = uncalibrated(split, features)
+    precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
+    return Scored(model, features, calibrated, plain, calibrate(plain, temperature), precision)
+
+
+def confusion_stem(checkpoints, split):
+    """Where the confusion matrix goes: beside the checkpoint, or for an ensemble beside its
+    first member, named for all the members (run-checkpoint)."""
+    first = Path(checkpoints[0])
+    if len(checkpoints) == 1:
+        return f"{first.with_suffix('')}_{split}_confusion"
+    members = "+".join(f"{Path(path).parent.name}-{Path(path).stem}" for path in checkpoints)
+    return f"{first.parent / f'ensemble_{members}'}_{split}_confusion"
+
+
+def run(args):
+    device = pick_device(args.device)
+    # the pairs before the checkpoints: a bad CSV is reported before seconds of loading
+    pairs = read_pairs(args.pairs, LABELLED) if args.pairs else None
+    # several checkpoints: checked against each other (one tokenizer, one class list)
+    recognizer = EmotionRecognizer.load(args.checkpoint, device, detect=not args.no_detect)
+    members = recognizer.members
+    classes = recognizer.classes
+    if pairs is not None:
+        split = labelled_split(pairs, recognizer, args.pairs)
+        split_name = f"pairs-{Path(args.pairs).stem}"
+        # a user's pairs: no audit, and any class may have sentences
+        meta = {"sources": {"kind": "pairs"}, "text_to_class": {name: name for name in classes}}
+    else:
+        meta = load_meta(args.data)
+        data_tokenizer = load_tokenizer(args.data)
+        for _, _, info in members:
+            check_compatible(info, data_tokenizer, meta)
+        split = load_split(args.data, args.split)
+        split_name = args.split
+    scored = [score_member(model, info, split, args, device, cache=pairs is None) for model, _, info in members]
+    uncalibrated = mean_of([member.uncalibrated for member in scored])
+    result = mean_of([member.calibrated for member in scored])
+    temperature = float(members[0][2]["temperature"])
+    n = len(result["labels"])
     stats = {**bootstrap(result["labels"], result["preds"], len(classes)),
              "ece": calibration_error(result["log_probs"], result["labels"]),
              "ece_uncalibrated": calibration_error(uncalibrated["log_probs"], uncalibrated["labels"]),
-             "temperature": temperature,
-             "leak_fraction": leaks.evaluated_fraction(meta.get("leaks"), args.split, len(split["labels"]))}
+             # an ensemble's members have a temperature each
+             "temperature": temperature if len(members) == 1 else "",
+             "leak_fraction": None if pairs is not None else leaks.evaluated_fraction(meta.get("leaks"), args.split, n)}
+    name = " + ".join(args.checkpoint)
     mirrored = ", each image averaged with its mirror" if args.tta else ""
-    precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
-    print(f"{args.checkpoint} on {args.split} ({len(result['labels'])} pairs{mirrored}) | amp {precision}")
+    precision = "/".join(dict.fromkeys(member.precision for member in scored))
+    print(f"{name} on {split_name} ({n} pairs{mirrored}) | amp {precision}")
     print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),
                                 target_names=classes, digits=4, zero_division=0))
     if stats["leak_fraction"]:
         print(f"warning: {stats['leak_fraction']:.1%} of the {args.split} faces have a near-copy in an "
               "earlier split (meta.json 'leaks'): this score is inflated; prepare_data.py --dedupe drops them")
-    row = results_row(result, stats, classes, info, args, meta)
+    rows = [results_row(result, stats, classes, info, path, split_name, args.tta, meta)
+            for (_, _, info), path in zip(members, args.checkpoint)]
+    row = rows[0] if len(rows) == 1 else ensemble_row(rows)
     # first: it refuses a foreign results file before any write
     append_row(args.results, row)
-    stem = Path(args.checkpoint).with_suffix("")
+    stem = confusion_stem(args.checkpoint, split_name)
     matrix = confusion_matrix(result["labels"], result["preds"], labels=range(len(classes)))
-    save_confusion(matrix, classes, f"{stem}_{args.split}_confusion")
+    save_confusion(matrix, classes, stem)
+    calibrated_at = f"temperature {temperature:.3f}" if len(members) == 1 else f"each of the {len(members)} members' temperature"
     print(f"accuracy {row['Test_Accuracy']:.4f} [{row['Accuracy_CI_Low']:.4f}, "
           f"{row['Accuracy_CI_High']:.4f}] | macro-F1 {row['Macro_F1']:.4f} "
           f"[{row['Macro_F1_CI_Low']:.4f}, {row['Macro_F1_CI_High']:.4f}] (95 % bootstrap "
-          f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} at temperature "
-          f"{temperature:.3f}, {row['ECE_Uncalibrated']:.4f} uncalibrated ({ECE_BINS} bins)")
-    print(f"confusion matrix: {stem}_{args.split}_confusion.png")
+          f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} at {calibrated_at}, "
+          f"{row['ECE_Uncalibrated']:.4f} uncalibrated ({ECE_BINS} bins)")
+    print(f"confusion matrix: {stem}.png")
     print_results(args.results)
     if args.ablate:
-        rows = {"full model": result, **ablations(model, split, features, scored)}
-        print(f"\nablation on {args.split}:")
-        print_ablations(rows, classes, set(meta["text_to_class"].values()))
-        if model.cfg.modality != "both":
-            missing = "text" if model.cfg.modality == "image" else "image"
-            print(f"(a single-modality model, {model.cfg.modality} only: the rows that take away "
+        per_member = [ablations(member.model, split, member.features, member.again) for member in scored]
+        # an ensemble's row: its members' rows averaged, where every member has one
+        common = [row for row in per_member[0] if all(row in rows for rows in per_member)]
+        ablated = {row: mean_of([rows[row] for rows in per_member]) for row in common}
+        print(f"\nablation on {split_name}:")
+        print_ablations({"full model": result, **ablated}, classes, set(meta["text_to_class"].values()))
+        modality = members[0][0].cfg.modality
+        if modality != "both":
+            missing = "text" if modality == "image" else "image"
+            print(f"(a single-modality model, {modality} only: the rows that take away "
                   f"the {missing} do not apply)")
     return 0
 

@@ -21,6 +21,7 @@ from conftest import SYNTHETIC, resave
 from data import Batches, cached_features, load_split
 from checkpoints import load_checkpoint
 from models import build_model
+from results import append_row
 
 
 def rows(path):
@@ -269,7 +270,7 @@ def test_evaluate_applies_the_checkpoint_temperature(runs, processed, tmp_path, 
 def append_rows(path, name, start, count):
     start.wait()
     for i in range(count):
-        evaluate.append_row(path, {"Experiment_ID": f"{name}-{i}", "Test_Accuracy": i / 100})
+        append_row(path, {"Experiment_ID": f"{name}-{i}", "Test_Accuracy": i / 100})
 
 
 def test_concurrent_evaluations_each_add_their_row(tmp_path):
@@ -309,7 +310,7 @@ def test_an_evaluation_waits_while_another_holds_the_results_file(tmp_path):
 def test_a_results_file_from_before_a_column_gains_it(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("Experiment_ID,ECE\nold/best,0.1\n")
-    evaluate.append_row(path, {"Experiment_ID": "new/best", "ECE": 0.05, "Temperature": 1.5})
+    append_row(path, {"Experiment_ID": "new/best", "ECE": 0.05, "Temperature": 1.5})
     assert path.read_text() == "Experiment_ID,ECE,Temperature\nold/best,0.1,\nnew/best,0.05,1.5\n"
 
 
