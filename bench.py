@@ -8,10 +8,19 @@
 features and one through the frozen trunk, same data, and their ratio cache_speedup,
 then evaluation throughput on the cache; on CUDA also the cached step split into
 gathering the batch and computing, and the minutes 100 epochs of 30k pairs would take;
-(c) demo: one prediction after the checkpoint is loaded, and the whole demo process.
+(c) demo: one prediction after the checkpoint is loaded, and the whole demo process;
+(d) the recognizer (recognizer.py) on N photos, in pairs per second: one `demo.py --pairs`
+process over all of them (its start-up included), separate `demo.py --image --text`
+processes (K of them timed: their mean is a process's time), and a Python loop of single
+`predict` calls on a recognizer loaded once; and the first's speed-up over each other.
 Inputs are random tensors of the real shapes (75x75 faces, tweets of up to 32 tokens):
-speed does not depend on what the pixels show, and the bench needs no data set.
+speed does not depend on what the pixels show, and the bench needs no data set. (d) reads
+synthetic faces (synthetic.py), since face detection's time does depend on the photo:
+75 px crops as the data sets hold them, or with --photo-side S each face, enlarged to
+twice its size, in an S px frame; its Model B reads them at --api-input-size.
 The trunk is random (no download): the same FLOPs as the pretrained one.
+
+    python bench.py --photos 200 --processes 3 --api-input-size 64 --json
 """
 import json
 import math
@@ -22,16 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoints import load_checkpoint, save_checkpoint
 from data import Batches, cached_features
-from explain import predict
 from metrics import evaluate
 from models import ModelConfig, build_model
+from recognizer import EmotionRecognizer, predict
 from runtime import DataError, autocast, pick_device, positive_int, script_parser
+from synthetic import face_image
 from tokenizer import encode_texts
 from training import Run, make_optimizer, train_epoch
+
+ROOT = Path(__file__).parent
 
 
 def fake_split(n, image_size, max_len, vocab_size, classes, seed):
@@ -146,8 +159,72 @@ def bench(args):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "demo.py", "--image", str(Path(tmp) / "face.png"),
                         "--text", text[0], "--checkpoint", str(path), "--device", str(device)],
-                       check=True, capture_output=True, cwd=Path(__file__).parent)
+                       check=True, capture_output=True, cwd=ROOT)
         figures["demo_process_s"] = time.perf_counter() - t0
+        figures.update(bench_api(args, device, Path(tmp), tokenizer))
+    return figures
+
+
+def write_photos(folder, count, side, seed=0):
+    """`count` synthetic faces as PNGs, each with a sentence of 8 to 32 words -> [(path, text)].
+    side 0: the 75 px crop; else the face at 150 px in a side x side frame of its edge pixels."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    pairs = []
+    for i in range(count):
+        face = face_image(seed + i, i % 7)
+        if side:
+            face = np.array(Image.fromarray(face).resize((150, 150), Image.Resampling.BILINEAR))
+            top, left = rng.integers(0, side - 150, 2)
+            face = np.pad(face, ((top, side - 150 - top), (left, side - 150 - left)), mode="edge")
+        Image.fromarray(face).save(folder / f"{i:04d}.png")
+        words = " ".join(f"word{w}" for w in rng.integers(0, 1000, rng.integers(8, 33)))
+        pairs.append((folder / f"{i:04d}.png", words))
+    return pairs
+
+
+def bench_api(args, device, tmp, tokenizer):
+    """(d): pairs/s of demo.py --pairs, of one demo.py process a pair, and of single predict calls."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="b", vocab_size=tokenizer.get_vocab_size(), pretrained=False,
+                      input_size=args.api_input_size)
+    path = tmp / "api.pt"
+    save_checkpoint(path, build_model(cfg), tokenizer_json=tokenizer.to_str(),
+                    classes=[f"class{i}" for i in range(cfg.num_classes)], image_size=75, metrics={})
+    pairs = write_photos(tmp / "photos", args.photos, args.photo_side)
+    listing = tmp / "pairs.csv"
+    listing.write_text("image,text\n" + "".join(f"photos/{image.name},{text}\n" for image, text in pairs))
+    demo = [sys.executable, "demo.py", "--checkpoint", str(path), "--device", str(device)]
+    figures = {"api_photos": args.photos, "api_photo_side": args.photo_side or 75,
+               "api_input_size": args.api_input_size}
+
+    # one process over every photo, start-up included, as a user runs it
+    t0 = time.perf_counter()
+    subprocess.run([*demo, "--pairs", str(listing), "--out", str(tmp / "predictions.csv")],
+                   check=True, capture_output=True, cwd=ROOT)
+    figures["pairs_per_s_batch"] = args.photos / (time.perf_counter() - t0)
+    # a process a photo: K of them, each a whole demo.py run
+    seconds = []
+    for image, text in pairs[:args.processes]:
+        t0 = time.perf_counter()
+        subprocess.run([*demo, "--image", str(image), "--text", text], check=True, capture_output=True, cwd=ROOT)
+        seconds.append(time.perf_counter() - t0)
+    figures["process_s"] = statistics.mean(seconds)
+    figures["pairs_per_s_processes"] = 1 / figures["process_s"]
+    # a Python loop of single calls, the recognizer loaded once (and warmed up on one pair)
+    recognizer = EmotionRecognizer.load(path, device)
+    recognizer.predict(*pairs[0])
+    t0 = time.perf_counter()
+    for image, text in pairs:
+        recognizer.predict(image, text)
+    figures["pairs_per_s_predict_loop"] = args.photos / (time.perf_counter() - t0)
+    # the same batches in process, without the start-up
+    t0 = time.perf_counter()
+    recognizer.predict_many(pairs)
+    figures["pairs_per_s_predict_many"] = args.photos / (time.perf_counter() - t0)
+    figures["batch_speedup_over_processes"] = figures["pairs_per_s_batch"] / figures["pairs_per_s_processes"]
+    figures["batch_speedup_over_predict_loop"] = figures["pairs_per_s_batch"] / figures["pairs_per_s_predict_loop"]
     return figures
 
 
@@ -157,6 +234,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="pairs per training step and per cache-building batch")
     p.add_argument("--repeats", type=positive_int, default=30, help="demo predictions to take the median of")
+    p.add_argument("--photos", type=positive_int, default=200,
+                   help="(d): photos that demo.py --pairs and the predict loop go through")
+    p.add_argument("--processes", type=positive_int, default=3,
+                   help="(d): separate demo.py processes timed, one photo each")
+    p.add_argument("--photo-side", type=int, default=0, choices=[0, 320, 640],
+                   help="(d): 0 for 75 px face crops, else each face in a frame of this side")
+    p.add_argument("--api-input-size", type=positive_int, default=64,
+                   help="(d): the trunk input of the recognizer's Model B (the README recipes train at 48 "
+                        "and 64; the reference's 224 is compute-bound on a CPU at any batch size)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision, as train.py: auto is bf16 where the GPU or CPU has it natively, "
                         "fp16 on older GPUs, off on other CPUs; bf16 or fp16 forces that type; off is fp32")

@@ -9,7 +9,8 @@ import bench
 from runtime import autocast
 
 
-@pytest.mark.parametrize("flag", ["--samples", "--batch-size", "--repeats"])
+@pytest.mark.parametrize("flag", ["--samples", "--batch-size", "--repeats", "--photos", "--processes",
+                                  "--api-input-size"])
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_a_count_below_one_is_one_line(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -42,8 +43,13 @@ def test_a_tiny_bench_runs_end_to_end(capsys):
     # Not a timing (those are bench.py's to print): it fails when train.py or demo.py change an
     # interface the bench calls, which no other test would notice.
     assert bench.main(["--samples", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
-                       "--json"]) == 0
+                       "--photos", "3", "--processes", "1", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out.splitlines()[-1])
     auto = autocast(torch.device("cpu"), "auto")[1] or torch.float32  # bf16 on a CPU with AVX512-BF16 or AMX
     assert figures["samples"] == 4 and figures["dtype"] == str(auto).removeprefix("torch.")
     assert figures["cache_speedup"] > 0 and figures["demo_latency_ms"] > 0
+    # (d): demo.py --pairs, demo.py processes and predict calls all ran, on the photos asked for
+    assert figures["api_photos"] == 3 and figures["api_photo_side"] == 75
+    for key in ("pairs_per_s_batch", "pairs_per_s_processes", "pairs_per_s_predict_loop",
+                "batch_speedup_over_processes", "batch_speedup_over_predict_loop"):
+        assert figures[key] > 0
