@@ -1,5 +1,7 @@
 """The README's commands: each one parses with its script's own parser, and no two recipes
-write into the same run folder or prepared-data folder."""
+write into the same run folder or prepared-data folder; its Python snippet runs."""
+import contextlib
+import io
 import re
 import shlex
 
@@ -20,7 +22,9 @@ def readme_commands():
     """Every `python SCRIPT.py ...` or `torchrun ... train.py ...` command in the README's code
     blocks, continuation lines joined and comments dropped -> [(script, argv, torchrun argv)]."""
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    # the Python snippets are code, not command lines
+    blocks = [block for language, block in re.findall(r"```([a-z]*)\n(.*?)```", text, flags=re.S)
+              if language != "python"]
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -58,3 +62,19 @@ def test_no_two_readme_recipes_write_the_same_folder():
             prepared.append(args.out)
     assert runs and len(runs) == len(set(runs)), runs
     assert prepared and len(prepared) == len(set(prepared)), prepared
+
+
+def test_the_python_snippet_runs(runs, tmp_path, monkeypatch):
+    # where a clone has them: its runs under checkpoints/ and the test photo under tests/
+    section = (ROOT / "README.md").read_text().split("## Use it on your own data")[1]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").symlink_to(runs)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    printed = io.StringIO()
+    scope = {}
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, scope)
+    result, results = scope["result"], scope["results"]
+    assert printed.getvalue().startswith(result.label) and len(result.faces) == 1
+    assert [r.inputs for r in results] == [["image"], ["text"]]
