@@ -9,6 +9,7 @@ image size, training args, metrics, versions), written atomically and loaded wit
 `weights_only=True`: no pickled Python objects. The model itself is models.py's.
 """
 import dataclasses
+import io
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,16 +68,17 @@ def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: 
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", data=None):
     """-> (model in eval mode, tokenizers.Tokenizer, info), the model rebuilt from the stored config alone.
 
     info: classes, config, image_size, metrics, args, train_state, versions, tokenizer (its JSON).
+    `data`: the file's bytes, read elsewhere (by rank 0 of a torchrun job); `path` then names it.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     # zip, pickle or weights_only errors: all mean "not one of ours"
     except Exception as err:
         # torch's own text invites an unsafe load: do not echo it

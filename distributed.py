@@ -38,6 +38,22 @@ def broadcast(value, src=0):
     return values[0]
 
 
+def from_master(read):
+    """`read()` on global rank 0 alone, and its value (or the error it raised) on every rank: the
+    run's own files are on rank 0's node, and nodes need no shared disk."""
+    value = None
+    error = None
+    if MASTER:
+        try:
+            value = read()
+        except Exception as err:
+            error = err
+    value, error = broadcast((value, error))
+    if error is not None:
+        raise error
+    return value
+
+
 def all_ranks(labels, preds, loss_sum):
     """(labels, preds, summed loss) of one rank's samples -> those of every rank's samples."""
     parts = gather((labels, preds, loss_sum))

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from checkpoints import (CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk,
                          save_checkpoint)
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
-from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, gather, sync_batchnorm
+from distributed import (MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, gather,
+                         sync_batchnorm)
 from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
@@ -116,18 +117,23 @@ def parse_args(argv=None):
     return args, {name for name, value in vars(given).items() if value is not unset}
 
 
-def resume_args(args, given, run_dir):
-    """The run's own settings from args.json, with the flags of RESUME_MAY_CHANGE given on
-    this command line; any other given flag that differs would silently change the run."""
+def saved_args(run_dir):
+    """The run's args.json, once the files a resume needs are all there."""
     # every run writes all three by its first epoch's end
     for name in ("last.pt", "args.json", "log.csv"):
         if not (run_dir / name).exists():
             raise DataError(f"cannot resume: {run_dir / name} does not exist (restore it, or start over)")
-    saved = json.loads((run_dir / "args.json").read_text())
+    return json.loads((run_dir / "args.json").read_text())
+
+
+def resume_args(args, given, saved):
+    """The run's own settings (`saved`: its args.json), with the flags of RESUME_MAY_CHANGE given
+    on this command line (each node's own --data, --cache-dir, ...); any other given flag that
+    differs would silently change the run."""
     refused = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != getattr(args, k)]
     if refused:
-        raise DataError(f"--resume continues {run_dir} as its args.json says; these flags would "
+        raise DataError(f"--resume continues {Path(args.out) / args.run_name} as its args.json says; these flags would "
                         f"change it: {', '.join(refused)}. Drop them, or start a new run with --run-name NAME")
     # The cosine schedule spans the run's epochs: other epochs would make the learning rate jump.
     if saved.get("cosine") and "epochs" in given and args.epochs != saved["epochs"]:
@@ -141,7 +147,8 @@ def resume_args(args, given, run_dir):
 def build(args, meta, tokenizer, device, run_dir):
     """The model, and the train state when resuming from last.pt."""
     if args.resume:
-        model, _, info = load_checkpoint(run_dir / "last.pt", device)
+        last = run_dir / "last.pt"
+        model, _, info = load_checkpoint(last, device, data=from_master(last.read_bytes))
         # the data may have been prepared again since
         check_compatible(info, tokenizer, meta)
         return model, info["train_state"]
@@ -199,15 +206,16 @@ def start(args, given, run_dir):
     """Everything before the first epoch: the device and process group, the model (new or
     resumed), the batches and the optimizer, and the run's args.json and log.csv.
     -> (args, Run, what every checkpoint stores besides the model and its metrics)."""
-    if args.resume:
-        args = resume_args(args, given, run_dir)
-    elif (run_dir / "last.pt").exists() and not args.overwrite:
-        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                        "--run-name NAME for a new one, or --overwrite to replace it")
     # under torchrun, this process's own GPU
     device = pick_device(args.device)
     if WORLD_SIZE > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # The run's files are on global rank 0's node (nodes need no shared disk): read there.
+    if args.resume:
+        args = resume_args(args, given, from_master(lambda: saved_args(run_dir)))
+    elif from_master(lambda: (run_dir / "last.pt").exists()) and not args.overwrite:
+        raise DataError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                        "--run-name NAME for a new one, or --overwrite to replace it")
     # fp32 matmuls and convolutions on tensor cores; no-op on the CPU
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -245,14 +253,15 @@ def start(args, given, run_dir):
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
     if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
         run.blank_features = blank_face_features(model, meta["image_size"])
-    if state is not None:
+    if state is None:
+        run.counters.train_seconds += cache_seconds
+    else:
+        # the counters hold the first start's cache build already
         restore(state, run, device)
+    if state is not None and MASTER:
         # a resume drops the log rows of an epoch logged but never checkpointed
         with open(run_dir / "log.csv", newline="") as f:
             run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
-    # once a run: a resumed run's counters hold its first start's cache build
-    if state is None:
-        run.counters.train_seconds += cache_seconds
     if MASTER:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = io.StringIO()

@@ -64,20 +64,25 @@ def test_two_processes_train_as_one(processed, one_process, tmp_path):
     assert len(list((tmp_path / "cache2").iterdir())) == 2  # train and val, read by both ranks
 
 
-def test_two_nodes_without_a_shared_disk_train_as_one(processed, one_process, tmp_path):
+def test_two_nodes_without_a_shared_disk_resume_and_train_as_one(processed, one_process, tmp_path):
     # Two torchrun nodes on 127.0.0.1, one process each, each with its own copy of the data and
-    # its own cache and output folders, as nodes without a shared disk have.
+    # its own cache and output folders, as nodes without a shared disk have. The run's first
+    # epoch trains here, into node 0's folder: the nodes resume it (node 1 has no copy of it).
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     nodes = [tmp_path / f"node{rank}" for rank in (0, 1)]
+    for node in nodes:
+        shutil.copytree(processed, node / "data")
+    first = ["--model", "a", *EXACT, "--run-name", "nodes", "--data", str(nodes[0] / "data")]
+    assert train.main([*first, "--out", str(nodes[0] / "out"), "--cache-dir", str(tmp_path / "cache"),
+                       "--epochs", "1"]) == 0
     launches = []
     for rank, node in enumerate(nodes):
-        shutil.copytree(processed, node / "data")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                     "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                    "train.py", "--model", "a", *EXACT, "--data", str(node / "data"), "--out", str(node / "out"),
-                    "--cache-dir", str(node / "cache"), "--run-name", "nodes", "--epochs", "2"]
+                    "train.py", "--model", "a", "--data", str(node / "data"), "--out", str(node / "out"),
+                    "--cache-dir", str(node / "cache"), "--run-name", "nodes", "--epochs", "2", "--resume"]
         launches.append(subprocess.Popen(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [launch.communicate(timeout=300) for launch in launches]
