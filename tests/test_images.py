@@ -148,6 +148,26 @@ def test_bad_files_are_data_errors(tmp_path):
             read_image(path, 75)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "I;16"])
+def test_a_pil_image_or_an_array_reads_as_its_file_does(tmp_path, mode):
+    # as_photo: what the recognizer accepts in place of a path, decoded the same way
+    image = Image.open(PHOTO).convert("RGB")
+    if mode == "I;16":
+        image = Image.fromarray(np.array(image.convert("L")).astype(np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(tmp_path / "photo.png")
+    from_file = load_photo(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as opened:
+        assert np.array_equal(images.as_photo(opened), from_file)
+    assert np.array_equal(images.as_photo(from_file), from_file)
+    assert np.array_equal(images.as_photo(str(tmp_path / "photo.png")), from_file)
+    for bad, words in [(np.zeros((5, 5, 2), np.uint8), "must be uint8"), (np.zeros((0, 5), np.uint8), "empty"),
+                       (np.zeros((5, 5)), "must be uint8"), (b"bytes", "not a bytes")]:
+        with pytest.raises(DataError, match=words):
+            images.as_photo(bad)
+
+
 def test_offline_pretrained_build_fails_fast_with_a_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
