@@ -1,6 +1,7 @@
 """Shared fixtures: one small synthetic data set and one short trained run of each model,
 built once per test session (CPU, no network)."""
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are flat modules at the repo root
 
 import prepare_data  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from models import build_model  # noqa: E402
@@ -25,6 +27,10 @@ TINY = ["--no-pretrained", "--input-size", "64", "--layers", "1", "--batch-size"
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model until it reads faces (make test-fast skips it)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (gpu_check.py runs them)")
+    # TEST_AMP_AUTO=off: --amp auto is fp32, as on a CPU without native bf16, so that one machine
+    # runs the suite both ways (it must pass on either)
+    if os.environ.get("TEST_AMP_AUTO") == "off":
+        runtime.cpu_has_native_bf16 = lambda: False
 
 
 def pytest_collection_modifyitems(config, items):
