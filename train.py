@@ -31,7 +31,7 @@ from distributed import (MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_
 from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, calibrate, lr_factor, make_optimizer, restore, train_epoch
+from training import Run, calibrate, lr_factor, make_ema, make_optimizer, restore, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -66,6 +66,9 @@ def build_parser():
                    help="a fused model's pair loses its sentence with probability P, or else its face "
                         "with probability P (never both), so that one input alone is something it knows; "
                         "0 trains on full pairs only, as the reference")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="evaluate, calibrate and save an exponential moving average of the weights, "
+                        "updated every step with this decay (e.g. 0.999); 0: the weights as trained")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (linear)")
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
@@ -106,6 +109,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.modality_dropout < 1:
         p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema is a decay in [0, 1), got {args.ema}")
     if args.trunk_from and args.modality == "text":
         p.error("--trunk-from with --modality text: a text-only model has no trunk")
     if args.text_from and args.modality == "image":
@@ -253,6 +258,12 @@ def start(args, given, run_dir):
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
     if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
         run.blank_features = blank_face_features(model, meta["image_size"])
+    if args.ema:
+        # on resume last.pt's model is the average, and train_state holds the weights as trained
+        run.ema = make_ema(model)
+        run.ema_decay = args.ema
+        if state is not None:
+            model.load_state_dict(state["training_weights"])
     if state is None:
         run.counters.train_seconds += cache_seconds
     else:
@@ -317,10 +328,11 @@ def save(run_dir, run, improved, about, device):
         "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
         "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
     if improved:
-        save_checkpoint(run_dir / "best.pt", run.model, **about)
-    save_checkpoint(run_dir / "last.pt", run.model, **about, train_state={
+        save_checkpoint(run_dir / "best.pt", run.kept, **about)
+    training_weights = None if run.ema is None else run.model.state_dict()
+    save_checkpoint(run_dir / "last.pt", run.kept, **about, train_state={
         **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs})
+        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs, "training_weights": training_weights})
 
 
 def interrupted(args, run_dir, epoch):
@@ -357,7 +369,9 @@ def train(args, given):
             counters.train_seconds += seconds
             # evaluate: one model on every rank (BatchNorm statistics agreed), val shared out
             average_batchnorm_buffers(model)
-            val = evaluate(model, run.val_batches, run.mixed_precision)
+            if run.ema is not None:
+                average_batchnorm_buffers(run.ema)
+            val = evaluate(run.kept, run.val_batches, run.mixed_precision)
             val_part = all_ranks(val["labels"], val["preds"], val["loss"] * len(val["labels"]))
             # log: log.csv, the printed line and the counters
             row = epoch_row(epoch, train_part, val_part, run.optimizer.param_groups[0]["lr"], seconds,

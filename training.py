@@ -9,6 +9,7 @@ resume, and calibrating its best checkpoint when it ends.
 train.py builds a run from its flags and loops over epochs (evaluating, logging, saving);
 bench.py times train_epoch exactly as training runs it.
 """
+import copy
 import math
 from dataclasses import dataclass, field, fields
 
@@ -52,6 +53,39 @@ class Run:
     rows: list = field(default_factory=list)  # log.csv's rows so far, as written there
     # the blank face's cached features, for --modality-dropout from the cache
     blank_features: dict | None = None
+    # --ema: the weights' moving average (make_ema) and its decay a step
+    ema: nn.Module | None = None
+    ema_decay: float = 0.0
+
+    @property
+    def kept(self):
+        """The model evaluated, calibrated and saved: the moving average under --ema."""
+        return self.model if self.ema is None else self.ema
+
+
+def make_ema(model):
+    """A copy of `model` to hold the exponential moving average of its weights (Polyak and
+    Juditsky, 1992; timm's ModelEma): evaluated and saved in place of the model that trains."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, over the parameters and the floating buffers
+    (a trunk that trains moves BatchNorm's statistics too; the step counts are copied). One
+    foreach kernel a device and dtype, nothing read on the host: torch's AveragedModel does the
+    same but reads its update count on the host each step, a sync inside the step loop on CUDA."""
+    averaged = []
+    current = []
+    for mine, theirs in zip(ema.state_dict().values(), model.state_dict().values()):
+        if mine.is_floating_point():
+            averaged.append(mine)
+            current.append(theirs)
+        else:
+            mine.copy_(theirs)
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
 def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
@@ -128,6 +162,8 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
+        if run.ema is not None:
+            update_ema(run.ema, run.model, run.ema_decay)
         optimizer.zero_grad(set_to_none=True)
         run.counters.step += 1
         loss_sum += summed.detach()

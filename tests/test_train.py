@@ -234,7 +234,7 @@ def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, 
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--epochs", "0"], ["--device", "gpu"],
-                                   ["--modality-dropout", "1.5"]])
+                                   ["--modality-dropout", "1.5"], ["--ema", "1"]])
 def test_bad_values_are_one_line_and_write_nothing(flags, processed, tmp_path, capfd):
     with pytest.raises(SystemExit) if flags[0] != "--device" else nullcontext():
         code = train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path / "runs"), *flags])
@@ -323,3 +323,46 @@ def test_a_resume_that_builds_the_cache_again_counts_each_second_once(processed,
     second_epoch = float(read_log(tmp_path / "model_a" / "log.csv")[1]["seconds"])
     assert resumed["metrics"]["train_seconds"] == pytest.approx(
         first["metrics"]["train_seconds"] + second_epoch, abs=1e-3)
+
+
+def test_ema_saves_the_moving_average_and_resumes_exactly(processed, cache, tmp_path, monkeypatch):
+    # the model as the run starts, and every step's weights as trained, where the average reads them
+    starts = []
+    steps = []
+    make = train.make_ema
+    update = training.update_ema
+
+    def made(model):
+        starts.append({name: value.clone() for name, value in model.state_dict().items()})
+        return make(model)
+
+    def updated(ema, model, decay):
+        steps.append({name: value.clone() for name, value in model.state_dict().items()})
+        update(ema, model, decay)
+
+    monkeypatch.setattr(train, "make_ema", made)
+    monkeypatch.setattr(training, "update_ema", updated)
+    common = ["--model", "a", "--data", str(processed), "--cache-dir", str(cache), "--ema", "0.9", *TINY]
+    assert train.main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"]) == 0
+    saved, _, info = load_checkpoint(tmp_path / "straight/model_a/last.pt")
+    trained = info["train_state"]["training_weights"]
+    assert len(steps) == 2 * 14  # 420 pairs in batches of 32, two epochs
+    differs = []
+    for name, value in saved.state_dict().items():
+        if value.is_floating_point():
+            average = starts[0][name]
+            for step in steps:
+                average = average + 0.1 * (step[name] - average)
+            torch.testing.assert_close(value, average, rtol=0, atol=1e-6, msg=name)
+            differs.append(not torch.equal(value, trained[name]))
+    # the last step's weights are the ones that train on, and they are not what was saved
+    assert all(torch.equal(trained[name], value) for name, value in steps[-1].items())
+    assert any(differs)
+    # a resume continues both the training weights and their average
+    assert train.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "1"]) == 0
+    assert train.main(["--model", "a", "--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume"]) == 0
+    resumed, _, resumed_info = load_checkpoint(tmp_path / "resumed/model_a/last.pt")
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed_info["train_state"]["training_weights"][name], trained[name],
+                                   rtol=0, atol=1e-6, msg=name)
