@@ -5,11 +5,11 @@
     for batch in Batches(train, batch_size=64, device="cpu", shuffle=True):
         logits = model(batch["input_ids"], batch["lengths"], images=batch["images"])
 
-prepare_data.py writes data/processed; this module only reads it (and writes the
-feature cache under data/cache). The whole data set is a few hundred MB of uint8,
-so it lives in memory and is served without a DataLoader: a seeded permutation,
-slicing, padding trimmed per batch, device copies (as cifar10-airbench does).
-It holds no model (models.py) and no device or file helper (runtime.py).
+prepare_data.py writes data/processed; this module only reads it (and writes the feature
+cache under data/cache). The whole data set is a few hundred MB of uint8, so it lives in
+memory and is served without a DataLoader (as cifar10-airbench does), in three parts as
+torch's data tools divide the work: which rows make a batch (BatchOrder), how a batch is
+assembled (Batches), how it reaches the device (DeviceFeed). No model, no file helper here.
 """
 import hashlib
 import json
@@ -187,13 +187,11 @@ class DeviceFeed:
 class Batches:
     """One split served in batches, all randomness from one seeded generator.
 
-    Each pass (epoch) draws, in this order, a fresh text for every image from `text_pool`
-    (redraw_texts), a flip coin per image, and the batches (BatchOrder: shuffled, bucketed by
-    text length, dealt to ranks). `features` replaces images with cached trunk features, dicts
-    of [V,N,...] tensors where V=2 holds the flipped image's features too. The image side
-    reaches the device through a DeviceFeed; text, lengths and labels move once an epoch.
-    `global_size` in each batch says how many samples the whole batch holds, so the loss can be
-    the mean over all of them. `generator.get_state()` after a pass is all a resume needs.
+    Each pass (epoch) draws, in this order, a text for every image from `text_pool`, a flip
+    coin per image, and the batches (BatchOrder). `features` replaces images with cached trunk
+    features, dicts of [V,N,...] where V=2 holds the mirrored images' too. The image side goes
+    through a DeviceFeed; text, lengths and labels move once an epoch. `global_size`: the whole
+    batch's size, for the loss's mean. `generator.get_state()` after a pass is all a resume needs.
     """
 
     def __init__(self, split, batch_size, device, *, features=None, shuffle=False,
