@@ -17,21 +17,18 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checkpoints import (CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk,
-                         save_checkpoint)
+from checkpoints import CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
-from distributed import (MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, gather,
-                         sync_batchnorm)
+from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, sync_batchnorm
 from metrics import blank_face_features, evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, calibrate, lr_factor, make_ema, make_optimizer, restore, train_epoch
+from training import Run, calibrate, lr_factor, make_ema, make_optimizer, restore, save, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -310,29 +307,6 @@ def log_epoch(run_dir, rows, row, improved, epochs):
           f"acc {row['train_accuracy']:.4f} f1 {row['train_macro_f1']:.4f} | val loss "
           f"{row['val_loss']:.4f} acc {row['val_accuracy']:.4f} f1 {row['val_macro_f1']:.4f}{mark} | "
           f"lr {row['lr']:.2e} | {row['samples_per_s']:.0f} samples/s | {row['seconds']:.1f} s", flush=True)
-
-
-def save(run_dir, run, improved, about, device):
-    """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
-    `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
-    # each rank draws its own dropout masks
-    rngs = gather({"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
-    if not MASTER:
-        return
-    counters = run.counters
-    last = {k: float(v) for k, v in run.rows[-1].items() if k != "epoch"}
-    about = {**about, "metrics": {
-        "epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
-        "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
-        "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
-        "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
-    if improved:
-        save_checkpoint(run_dir / "best.pt", run.kept, **about)
-    training_weights = None if run.ema is None else run.model.state_dict()
-    save_checkpoint(run_dir / "last.pt", run.kept, **about, train_state={
-        **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs, "training_weights": training_weights})
 
 
 def interrupted(args, run_dir, epoch):

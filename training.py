@@ -1,6 +1,6 @@
 """One training step and what it carries: the run's state, AdamW's parameter groups, the
-learning-rate schedule, modality dropout, one epoch of steps; restoring a run's state on
-resume, and calibrating its best checkpoint when it ends.
+learning-rate schedule, modality dropout, the weights' moving average, one epoch of steps;
+saving a run's state and restoring it on resume, and calibrating its best checkpoint when it ends.
 
     from training import Run, make_optimizer, train_epoch
     run = Run(model, model, make_optimizer(model, lr=1e-4), scaler, mixed_precision, batches, None)
@@ -11,7 +11,7 @@ bench.py times train_epoch exactly as training runs it.
 """
 import copy
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from checkpoints import load_checkpoint, save_checkpoint
 from data import Batches
-from distributed import RANK, WORLD_SIZE
+from distributed import MASTER, RANK, WORLD_SIZE, gather
 from metrics import ablations, calibration_error, evaluate, fit_temperature, temper
 from models import default_backbone_lr_scale, parameter_groups
 from runtime import DataError, progress
@@ -170,6 +170,29 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_
         preds.append(logits.argmax(1))
         labels.append(batch["labels"])
     return torch.cat(preds), torch.cat(labels), loss_sum
+
+
+def save(run_dir, run, improved, about, device):
+    """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
+    `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
+    # each rank draws its own dropout masks
+    rngs = gather({"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
+    if not MASTER:
+        return
+    counters = run.counters
+    last = {k: float(v) for k, v in run.rows[-1].items() if k != "epoch"}
+    about = {**about, "metrics": {
+        "epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
+        "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
+        "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
+        "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
+    if improved:
+        save_checkpoint(run_dir / "best.pt", run.kept, **about)
+    training_weights = None if run.ema is None else run.model.state_dict()
+    save_checkpoint(run_dir / "last.pt", run.kept, **about, train_state={
+        **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs, "training_weights": training_weights})
 
 
 def restore(state, run, device):
