@@ -53,8 +53,10 @@ def test_each_readme_command_parses(script, argv, launcher):
 def test_no_two_readme_recipes_write_the_same_folder():
     runs = []
     prepared = []
-    for script, argv, _ in readme_commands():
-        if script == "train.py" and "--resume" not in argv:
+    for script, argv, launcher in readme_commands():
+        # the other nodes of one torchrun job (--node_rank 1, 2, ...) write nothing: node 0 writes the run
+        node = launcher[launcher.index("--node_rank") + 1] if launcher and "--node_rank" in launcher else "0"
+        if script == "train.py" and "--resume" not in argv and node == "0":
             args, _ = train.parse_args(argv)
             runs.append((args.out, args.run_name))
         if script == "prepare_data.py":
