@@ -125,7 +125,8 @@ class Prediction:
     inputs: list         # what was read: ["image", "text"], ["image"] or ["text"]
     truncated: bool      # the sentence was longer than the model reads
     warnings: list       # lines worth a look: no face found, the sentence cut
-    prepared: PreparedPair = field(repr=False, compare=False)
+    # what the model read (predict only: a batch of 12 MP photos would fill the memory)
+    prepared: PreparedPair | None = field(default=None, repr=False, compare=False)
 
     @property
     def face(self):
@@ -247,17 +248,18 @@ class EmotionRecognizer:
                  for model, _, info in self.members]
         return torch.stack(probs).mean(0)
 
-    def result(self, prepared, probs):
-        """A PreparedPair and its faces' probabilities [N,C] -> Prediction."""
+    def result(self, prepared, probs, keep=False):
+        """A PreparedPair and its faces' probabilities [N,C] -> Prediction (holding the
+        PreparedPair where `keep`)."""
         classes = self.classes
         faces = [Face(list(box), [x, y, side, side], classes[int(p.argmax())], dict(zip(classes, p.tolist())))
                  for box, (x, y, side), p in zip(prepared.boxes, prepared.squares, probs)]
         return Prediction(classes[int(probs[0].argmax())], dict(zip(classes, probs[0].tolist())), faces,
-                          prepared.used, prepared.truncated, prepared.warnings, prepared)
+                          prepared.used, prepared.truncated, prepared.warnings, prepared if keep else None)
 
     def predict(self, image=None, text=None):
-        """One pair -> Prediction."""
-        return self.predict_many([(image, text)])[0]
+        """One pair -> Prediction, with the PreparedPair it read (`.prepared`: demo.py --explain)."""
+        return next(self.iter_predictions([(image, text)], keep_inputs=True))
 
     def predict_many(self, pairs, batch_size=64, *, errors="raise"):
         """Pairs, (image, text) or dicts -> [Prediction], in order, the faces of `batch_size`
@@ -265,7 +267,7 @@ class EmotionRecognizer:
         its place, and the others are predicted."""
         return list(self.iter_predictions(pairs, batch_size, errors=errors))
 
-    def iter_predictions(self, pairs, batch_size=64, *, errors="raise"):
+    def iter_predictions(self, pairs, batch_size=64, *, errors="raise", keep_inputs=False):
         """predict_many, yielding each pair's answer as its batch is done: a long run keeps
         what it has done when it is stopped."""
         if errors not in ("raise", "return"):
@@ -274,12 +276,12 @@ class EmotionRecognizer:
         for pair in pairs:
             chunk.append(pair)
             if len(chunk) == batch_size:
-                yield from self._predict_chunk(chunk, batch_size, errors)
+                yield from self._predict_chunk(chunk, batch_size, errors, keep_inputs)
                 chunk = []
         if chunk:
-            yield from self._predict_chunk(chunk, batch_size, errors)
+            yield from self._predict_chunk(chunk, batch_size, errors, keep_inputs)
 
-    def _predict_chunk(self, pairs, batch_size, errors):
+    def _predict_chunk(self, pairs, batch_size, errors, keep_inputs):
         prepared = []
         for pair in pairs:
             try:
@@ -304,4 +306,4 @@ class EmotionRecognizer:
             probs[rows] = self.probabilities(crops[rows], input_ids[rows], lengths[rows])
         per_pair = iter(probs.split(counts))
         for item in prepared:
-            yield self.result(item, next(per_pair)) if isinstance(item, PreparedPair) else item
+            yield self.result(item, next(per_pair), keep_inputs) if isinstance(item, PreparedPair) else item
