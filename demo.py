@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -218,6 +219,7 @@ def predict_batch(args, recognizer, pairs):
         batch_notes(recognizer, todo)
         inputs = ((pair.path, pair.text) for pair in progress(todo, "predicting", unit="pairs"))
         outcomes = recognizer.iter_predictions(inputs, args.batch_size, errors="return")
+        start = time.perf_counter()
         try:
             for pair, outcome in zip(todo, outcomes):
                 predictions.append(pair, outcome)
@@ -232,11 +234,14 @@ def predict_batch(args, recognizer, pairs):
             print(f"stopped: {rows} row(s) are in {args.out}; the same command goes on from there",
                   file=sys.stderr)
             return 130
+    seconds = time.perf_counter() - start
     skipped = len(pairs) - len(todo)
+    # the rate after start-up: what batching buys (bench.py reads it)
     print(f"{args.out}: {len(todo)} pair(s) predicted, {rows} row(s) written"
           + (f", {skipped} pair(s) there already" if skipped else "")
           + f"; {sum(failed.values())} row(s) failed" + (f" ({tally(failed)})" if failed else "")
-          + (f"; {sum(warned.values())} warning(s) ({tally(warned)})" if warned else ""))
+          + (f"; {sum(warned.values())} warning(s) ({tally(warned)})" if warned else "")
+          + f" | {seconds:.1f} s, {len(todo) / max(seconds, 1e-9):.1f} pairs/s")
     return 0
 
 
