@@ -217,9 +217,10 @@ def cache_worker(cache_dir, fail_on_rank):
     model.image_features = counting
     try:
         # 20 images in batches of 8: 3 batches a view, 6 with flips (3 + 3 per rank), 3
-        # without (2 + 1): uneven shares and a partial last batch
+        # without (2 + 1): uneven shares and a partial last batch. fp32 in every process: the
+        # workers do not share this process's view of --amp auto (TEST_AMP_AUTO)
         for flips in (True, False):
-            cached_features(model, split["images"], cache_dir, "cpu", flips=flips, batch_size=8,
+            cached_features(model, split["images"], cache_dir, "cpu", flips=flips, amp="off", batch_size=8,
                             show_progress=False)
         print(f"batches {len(computed)}", flush=True)
         return 0
