@@ -87,7 +87,8 @@ gpu-check: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
-# The inner loop: every test but those that train a face-reading model (marked slow).
+# The inner loop: every test but the slow ones (a model trained until it reads faces, or
+# several scripts or processes end to end: torchrun, gpu_check.py, bench.py).
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 

@@ -39,6 +39,7 @@ def test_help_names_every_amp_choice_and_default(capsys):
     assert "(default: auto)" in amp_help and "python bench.py --json" in out
 
 
+@pytest.mark.slow
 def test_a_tiny_bench_runs_end_to_end(capsys):
     # Not a timing (those are bench.py's to print): it fails when train.py or demo.py change an
     # interface the bench calls, which no other test would notice.

@@ -44,6 +44,7 @@ def assert_same_run(one, other):
     return info
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(processed, one_process, tmp_path):
     common = ["--model", "a", "--data", str(processed), *EXACT]
     # As the README's torchrun commands: a run name, then --resume. Its first epoch runs in this
@@ -64,6 +65,7 @@ def test_two_processes_train_as_one(processed, one_process, tmp_path):
     assert len(list((tmp_path / "cache2").iterdir())) == 2  # train and val, read by both ranks
 
 
+@pytest.mark.slow
 def test_two_nodes_without_a_shared_disk_resume_and_train_as_one(processed, one_process, tmp_path):
     # Two torchrun nodes on 127.0.0.1, one process each, each with its own copy of the data and
     # its own cache and output folders, as nodes without a shared disk have. The run's first

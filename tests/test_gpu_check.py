@@ -16,6 +16,7 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_every_stage_runs_on_the_cpu_at_tiny_sizes(tmp_path, capsys):
     report = tmp_path / "report.json"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--epochs", "2", "--work", str(tmp_path / "work"),
