@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import BLANK_PIXEL
 from runtime import DataError, atomic_write
 
 RESAMPLES = 1000
@@ -161,20 +160,10 @@ def ablations(model, split, features, scored, seed=0):
     return rows
 
 
-@torch.inference_mode()
-def blank_face_features(model, image_size):
-    """The features (1, ...) of one blank face (data.BLANK_PIXEL), on the model's device: what a
-    missing face is to a model, in the ablation and in --modality-dropout from the cache."""
-    device = next(model.parameters()).device
-    blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=device)
-    model.eval()
-    return model.image_features(blank)
-
-
 def blank_features(model, split):
     """The blank face's features laid out as the cache holds them, float16 [2,N,...] on the
     CPU: every pair and its mirror (a blank image is its own mirror) share one view."""
-    features = blank_face_features(model, split["images"].shape[-1])
+    features = model.image_encoder.blank_features(split["images"].shape[-1])
     return {k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:]) for k, v in features.items()}
 
 

@@ -167,17 +167,23 @@ class ImageEncoder(nn.Module):
             features["regions"] = grid.flatten(2).transpose(1, 2)  # (B, h*w, 512)
         return features
 
-    def blank_rows(self, features: dict, missing: torch.Tensor, image_size: int) -> dict:
-        """`features` with the rows where `missing` (bool (B,)) replaced by the blank face's, read
-        in eval mode: modality dropout while the trunk trains. A blank face fed through the trunk in
-        training mode would enter BatchNorm's batch statistics and running averages: a constant,
-        zero-variance input that never occurs at test time, where a missing face is read in eval mode."""
-        blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=missing.device)
+    @torch.no_grad()
+    def blank_features(self, image_size: int) -> dict:
+        """{name: (1, ...)} of one blank face (data.BLANK_PIXEL), read in eval mode whatever the
+        mode: what a missing face is to the model, in the ablation and in modality dropout."""
+        blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=self.mean.device)
         training = self.training
         self.eval()
-        with torch.no_grad():
-            lost = self(blank)  # {name: (1, ...)}
+        features = self(blank)
         self.train(training)
+        return features
+
+    def blank_rows(self, features: dict, missing: torch.Tensor, image_size: int) -> dict:
+        """`features` with the rows where `missing` (bool (B,)) replaced by the blank face's: modality
+        dropout while the trunk trains. A blank face fed through the trunk in training mode would enter
+        BatchNorm's batch statistics and running averages: a constant, zero-variance input that never
+        occurs at test time."""
+        lost = self.blank_features(image_size)
         return {name: torch.where(missing.view(-1, *[1] * (value.dim() - 1)), lost[name].to(value.dtype), value)
                 for name, value in features.items()}
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from checkpoints import CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, sync_batchnorm
-from metrics import blank_face_features, evaluate, plot_curves, scores
+from metrics import evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
 from training import Run, calibrate, lr_factor, make_ema, make_optimizer, restore, save, train_epoch
@@ -254,7 +254,7 @@ def start(args, given, run_dir):
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
     if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
-        run.blank_features = blank_face_features(model, meta["image_size"])
+        run.blank_features = model.image_encoder.blank_features(meta["image_size"])
     if args.ema:
         # on resume last.pt's model is the average, and train_state holds the weights as trained
         run.ema = make_ema(model)
@@ -266,10 +266,10 @@ def start(args, given, run_dir):
     else:
         # the counters hold the first start's cache build already
         restore(state, run, device)
-    if state is not None and MASTER:
-        # a resume drops the log rows of an epoch logged but never checkpointed
-        with open(run_dir / "log.csv", newline="") as f:
-            run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
+        # a resume drops the log rows of an epoch logged but never checkpointed (rank 0 keeps the log)
+        if MASTER:
+            with open(run_dir / "log.csv", newline="") as f:
+                run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
     if MASTER:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = io.StringIO()
