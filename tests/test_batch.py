@@ -123,7 +123,8 @@ def test_a_stopped_run_goes_on_where_it_stopped(runs, photos, tmp_path, capsys, 
     pairs = write_csv(tmp_path / "pairs.csv", lines)
     whole = tmp_path / "whole.csv"
     assert batch(capsys, checkpoint, "--pairs", pairs, "--out", whole, "--batch-size", "2")[0] == 0
-    # Ctrl-C while the third batch is read: the first two batches' rows are in the file
+    # Ctrl-C while the fifth pair is read: the pairs of the first sorted window (SORTED_BATCHES
+    # batches of one pair) are in the file
     real = recognizer.face_crops
     calls = []
 
@@ -135,7 +136,8 @@ def test_a_stopped_run_goes_on_where_it_stopped(runs, photos, tmp_path, capsys, 
 
     monkeypatch.setattr(recognizer, "face_crops", stop_at_the_fifth)
     out = tmp_path / "predictions.csv"
-    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out, "--batch-size", "2")
+    assert recognizer.SORTED_BATCHES == 4
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out, "--batch-size", "1")
     assert code == 130 and err[-1].startswith("stopped: 5 row(s) are in") and len(calls) == 5
     assert [row["line"] for row in rows(out)] == ["2", "3", "3", "4", "5"]
     monkeypatch.setattr(recognizer, "face_crops", real)
