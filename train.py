@@ -28,7 +28,8 @@ from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_b
 from metrics import evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import Run, calibrate, lr_factor, make_ema, make_optimizer, restore, save, train_epoch
+from training import (Run, calibrate, class_offsets, lr_factor, make_ema, make_mix, make_optimizer, restore,
+                      save, train_epoch)
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -66,6 +67,13 @@ def build_parser():
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="evaluate, calibrate and save an exponential moving average of the weights, "
                         "updated every step with this decay (e.g. 0.999); 0: the weights as trained")
+    p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                   help="logit-adjusted loss (Menon et al., 2021): tau * log(class prior) added to the "
+                        "logits in training only, so that rare classes (Disgust) are called more often; "
+                        "1 is the paper's, 0 off")
+    p.add_argument("--mix", choices=["mixup", "cutmix"],
+                   help="--modality image --finetune-backbone: torchvision's MixUp or CutMix (alpha 1) "
+                        "over each batch of faces and their labels")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (linear)")
     p.add_argument("--cosine", action="store_true", help="cosine decay to 0 over the run")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
@@ -108,6 +116,9 @@ def parse_args(argv=None):
         p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema is a decay in [0, 1), got {args.ema}")
+    if args.mix and not (args.modality == "image" and args.finetune_backbone):
+        p.error("--mix mixes faces and their labels: it needs --modality image (a sentence would not "
+                "mix with them) and --finetune-backbone (cached features hold no pixels)")
     if args.trunk_from and args.modality == "text":
         p.error("--trunk-from with --modality text: a text-only model has no trunk")
     if args.text_from and args.modality == "image":
@@ -255,6 +266,11 @@ def start(args, given, run_dir):
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
     if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
         run.blank_features = model.image_encoder.blank_features(meta["image_size"])
+    if args.logit_adjust:
+        run.logit_offsets = class_offsets(train_batches.split["labels"], model.cfg.num_classes,
+                                          args.logit_adjust).to(device)
+    if args.mix:
+        run.mix = make_mix(args.mix, model.cfg.num_classes)
     if args.ema:
         # on resume last.pt's model is the average, and train_state holds the weights as trained
         run.ema = make_ema(model)

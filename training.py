@@ -1,5 +1,6 @@
 """One training step and what it carries: the run's state, AdamW's parameter groups, the
-learning-rate schedule, modality dropout, the weights' moving average, one epoch of steps;
+learning-rate schedule, modality dropout, the weights' moving average, logit adjustment and
+MixUp / CutMix of the faces, one epoch of steps;
 saving a run's state and restoring it on resume, and calibrating its best checkpoint when it ends.
 
     from training import Run, make_optimizer, train_epoch
@@ -56,6 +57,10 @@ class Run:
     # --ema: the weights' moving average (make_ema) and its decay a step
     ema: nn.Module | None = None
     ema_decay: float = 0.0
+    # --logit-adjust: added to the logits in the loss alone (class_offsets)
+    logit_offsets: torch.Tensor | None = None
+    # --mix: torchvision's MixUp or CutMix over each batch of faces (make_mix)
+    mix: object = None
 
     @property
     def kept(self):
@@ -96,6 +101,29 @@ def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=
     # fused on CUDA: one kernel for all parameters, and it takes the GradScaler's inf check on
     # the device (the unfused step reads it with .item(), a host sync every step)
     return torch.optim.AdamW(groups, fused=device.type == "cuda")
+
+
+def class_offsets(labels, num_classes, tau):
+    """Logit adjustment (Menon et al., 2021): tau * log of each class's share of the training
+    labels, added to the logits in the loss only. The model then learns logits that the prior no
+    longer dominates, and at test time its raw argmax favours rare classes (Disgust) more."""
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
+    return tau * (counts / counts.sum()).log()
+
+
+def make_mix(kind, num_classes):
+    """--mix: torchvision's batch transform, MixUp (a blend of two faces) or CutMix (a box of one
+    pasted into the other), each with alpha 1 and the labels mixed in the same proportion."""
+    from torchvision.transforms import v2
+    return {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](num_classes=num_classes)
+
+
+def mix_faces(mix, images, labels):
+    """uint8 faces (B, S, S) and labels (B,) -> mixed faces (B, S, S) uint8 and soft targets
+    (B, C). torchvision's transforms want (B, C, H, W) and a float blend; the model reads bytes,
+    so a MixUp blend is rounded back to them (CutMix moves pixels and rounds nothing)."""
+    mixed, targets = mix(images.unsqueeze(1).float(), labels)
+    return mixed.squeeze(1).round().to(torch.uint8), targets
 
 
 def lr_factor(step, total_steps, args):
@@ -147,12 +175,16 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_
             group["lr"] = group["base_lr"] * lr_at(run.counters.step)
         if modality_dropout > 0:
             batch = drop_inputs(batch, modality_dropout, run.blank_features)
+        targets = batch["labels"]
+        if run.mix is not None:
+            batch = dict(batch)
+            batch["images"], targets = mix_faces(run.mix, batch["images"], targets)
         with run.mixed_precision:
             logits = run.step_model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
                                     image_features=batch.get("image_features"),
                                     missing_image=batch.get("missing_image"))
-            summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
-                                     label_smoothing=label_smoothing)
+            adjusted = logits.float() if run.logit_offsets is None else logits.float() + run.logit_offsets
+            summed = F.cross_entropy(adjusted, targets, reduction="sum", label_smoothing=label_smoothing)
         # DDP averages gradients over ranks; scaled so, the average is the gradient of the mean
         # over the whole global batch, even when the ranks' slices differ in size
         scaler.scale(summed * (WORLD_SIZE / batch["global_size"])).backward()
