@@ -3,6 +3,7 @@ CSV of one's own labelled pairs, in the reference's results format.
 
     python evaluate.py --checkpoint checkpoints/model_b/best.pt
     python evaluate.py --checkpoint checkpoints/model_a/best.pt --split val --ablate --tta
+    python evaluate.py --checkpoint checkpoints/model_a/best.pt --tta crops           # twelve views a face
     python evaluate.py --checkpoint runs/s0/best.pt runs/s1/best.pt runs/s2/best.pt   # one ensemble row
     python evaluate.py --checkpoint checkpoints/model_b/best.pt --pairs mine.csv      # image,text,label
 
@@ -39,10 +40,13 @@ from recognizer import EmotionRecognizer
 from results import append_row, ensemble_row, print_results, results_row
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
 
-def score(model, split, features, batch_size, device, mixed_precision, tta=False):
+# --tta crops: each crop's side, a fraction of the face's
+CROP_FRACTION = 0.9
+
+def score(model, split, features, batch_size, device, mixed_precision, tta=None):
     """evaluate() over a whole split. `features`: the trunk cache, dicts of [V,N,...] (variant 1
-    holds the mirrored images), or None to run the trunk. `tta` averages the probabilities of
-    each image and of its mirror."""
+    holds the mirrored images), or None to run the trunk. `tta` "mirror" averages the
+    probabilities of each image and of its mirror; "crops" adds five crops of each (crop_views)."""
     def one_view(variant):
         if features is None:
             # the trunk runs on the images, mirrored here for variant 1
@@ -54,7 +58,24 @@ def score(model, split, features, batch_size, device, mixed_precision, tta=False
     plain = one_view(0)
     if not tta:
         return plain
-    return mean_of([plain, one_view(1)])
+    views = [plain, one_view(1)]
+    if tta == "crops":
+        # the cache holds whole faces: the trunk reads the crops
+        views += [evaluate(model, Batches({**split, "images": crop}, batch_size, device), mixed_precision)
+                  for crop in crop_views(split["images"])]
+    return mean_of(views)
+
+
+def crop_views(images, fraction=CROP_FRACTION):
+    """uint8 faces (N, S, S) -> ten (N, c, c) views, c = fraction * S: the centre and the four
+    corners, of each face and of its mirror (FER2013's ten-crop evaluation). Fine-tuning trains
+    on random crops of 89-100 % of the side; the model resizes a crop to its input as it does a face."""
+    side = images.shape[-1]
+    crop = round(fraction * side)
+    far = side - crop
+    corners = [(far // 2, far // 2), (0, 0), (0, far), (far, 0), (far, far)]
+    return [face[:, top:top + crop, left:left + crop].contiguous()
+            for face in (images, images.flip(-1)) for top, left in corners]
 
 
 def mean_of(results):
@@ -129,8 +150,9 @@ def parse_args(argv=None):
                    help="the results CSV: one row is appended per evaluation")
     p.add_argument("--ablate", action="store_true",
                    help="also score with the text emptied or shuffled, and the image blanked or shuffled")
-    p.add_argument("--tta", action="store_true",
-                   help="average the probabilities of each image and its mirror")
+    p.add_argument("--tta", nargs="?", const="mirror", choices=["mirror", "crops"],
+                   help="average the probabilities of each image and its mirror (--tta); --tta crops "
+                        "adds five crops of 90 %% of the side (the centre, the corners) of each")
     p.add_argument("--cache-dir", default="data/cache",
                    help="where the frozen trunk's features are kept (shared with train.py)")
     p.add_argument("--no-cache", action="store_true",
@@ -198,7 +220,7 @@ def score_member(model, info, split, args, device, cache):
     features = None
     if cache and model.cacheable and not args.no_cache:
         # --tta reads the mirrors from the cache too (variant 1)
-        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=args.tta,
+        features, _ = cached_features(model, split["images"], args.cache_dir, device, flips=bool(args.tta),
                                       amp=amp)
     temperature = float(info["temperature"])
 
@@ -255,7 +277,8 @@ def run(args):
              "temperature": temperature if len(members) == 1 else "",
              "leak_fraction": None if pairs is not None else leaks.evaluated_fraction(meta.get("leaks"), args.split, n)}
     name = " + ".join(args.checkpoint)
-    mirrored = ", each image averaged with its mirror" if args.tta else ""
+    mirrored = {None: "", "mirror": ", each image averaged with its mirror",
+                "crops": ", each image averaged with its mirror and five crops of each"}[args.tta]
     precision = "/".join(dict.fromkeys(member.precision for member in scored))
     print(f"{name} on {split_name} ({n} pairs{mirrored}) | amp {precision}")
     print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),

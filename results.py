@@ -72,7 +72,7 @@ def results_row(result, stats, classes, info, checkpoint, split, tta, meta):
         row.update({f"{name}_F1": f, f"{name}_Precision": p, f"{name}_Recall": r})
     row.update({"Model": cfg["arch"].upper(), "Modality": cfg.get("modality", "both"),
                 "Run": checkpoint.parent.name, "Checkpoint_Epoch": metrics.get("epoch", ""),
-                "Split": split, "TTA": tta,
+                "Split": split, "TTA": tta or "no",
                 "Accuracy_CI_Low": stats["accuracy"][0], "Accuracy_CI_High": stats["accuracy"][1],
                 "Macro_F1_CI_Low": stats["macro_f1"][0], "Macro_F1_CI_High": stats["macro_f1"][1],
                 "ECE": stats["ece"], "ECE_Uncalibrated": stats["ece_uncalibrated"],
@@ -145,14 +145,15 @@ def print_results(path):
     """The results file so far, one line a row: the comparison across runs."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':3s} "
+    print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':6s} "
           f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'uncal.':>6s} {'T':>5s} "
           f"{'train s':>8s}")
     for row in rows:
         accuracy = (f"{float(row['Test_Accuracy']):.4f} [{float(row['Accuracy_CI_Low']):.4f}, "
                     f"{float(row['Accuracy_CI_High']):.4f}]")
-        tta = "yes" if row["TTA"] == "True" else "no"
-        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} {tta:3s} "
+        # before --tta crops the column was a bool
+        tta = {"True": "mirror", "False": "no"}.get(row["TTA"], row["TTA"])
+        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} {tta:6s} "
               f"{accuracy:>24s} {float(row['Macro_F1']):8.4f} {number(row, 'ECE', '6.4f'):>6s} "
               f"{number(row, 'ECE_Uncalibrated', '6.4f'):>6s} {number(row, 'Temperature', '5.2f'):>5s} "
               f"{number(row, 'Train_Seconds', '.0f'):>8s}")

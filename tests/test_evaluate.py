@@ -49,7 +49,7 @@ def test_rows_are_deterministic_and_in_the_reference_format(runs, processed, tmp
                            "Optimizer", "Data_Augmentation"]
     assert header[17:20] == ["Angry_F1", "Angry_Precision", "Angry_Recall"]
     assert float(first["Test_Accuracy"]) <= 1 and "%" not in first["Test_Accuracy"]
-    assert first["Modality"] == "both" and first["TTA"] == "False"  # a checkpoint without the field
+    assert first["Modality"] == "both" and first["TTA"] == "no"  # a checkpoint without the field
     assert (float(first["Accuracy_CI_Low"]) <= float(first["Test_Accuracy"])
             <= float(first["Accuracy_CI_High"]) <= 1)
     assert float(first["Macro_F1_CI_Low"]) <= float(first["Macro_F1"]) <= float(first["Macro_F1_CI_High"])
@@ -123,12 +123,33 @@ def test_tta_averages_the_probabilities_of_an_image_and_its_mirror(runs, process
     # the cached path, as evaluate.py --tta runs it: the mirrors are the cache's variant 1
     features, _ = cached_features(model, split["images"], tmp_path / "cache", "cpu", flips=True,
                                   show_progress=False)
-    cached = evaluate.score(model, split, features, 256, "cpu", nullcontext(), tta=True)
+    cached = evaluate.score(model, split, features, 256, "cpu", nullcontext(), tta="mirror")
     assert torch.allclose(cached["log_probs"].exp(), expected, atol=2e-3)  # the cache is float16
     results = tmp_path / "r.csv"
     assert run_eval(runs / "model_a" / "best.pt", processed, results, "--tta") == 0
-    assert rows(results)[0]["TTA"] == "True"
+    assert rows(results)[0]["TTA"] == "mirror"
     assert float(rows(results)[0]["Test_Accuracy"]) == pytest.approx(cached["accuracy"], abs=1e-6)
+
+
+def test_tta_crops_averages_twelve_views_of_each_face(runs, processed, tmp_path):
+    model, _, _ = load_checkpoint(runs / "model_a" / "best.pt")
+    split = load_split(processed, "test")
+    crops = evaluate.crop_views(split["images"])
+    side = split["images"].shape[-1]
+    crop = round(evaluate.CROP_FRACTION * side)
+    assert len(crops) == 10 and all(view.shape == (len(split["labels"]), crop, crop) for view in crops)
+    # the centre crop, and the last: the mirror's bottom-right corner
+    middle = (side - crop) // 2
+    assert torch.equal(crops[0], split["images"][:, middle:middle + crop, middle:middle + crop])
+    assert torch.equal(crops[9], split["images"].flip(-1)[:, side - crop:, side - crop:])
+    views = [split, {**split, "images": split["images"].flip(-1)}] + [{**split, "images": c} for c in crops]
+    probs = torch.stack([metrics.evaluate(model, Batches(view, 256, "cpu"))["log_probs"].exp() for view in views])
+    scored = evaluate.score(model, split, None, 256, "cpu", nullcontext(), tta="crops")
+    assert torch.allclose(scored["log_probs"].exp(), probs.mean(0), atol=1e-5)
+    assert not torch.allclose(scored["log_probs"].exp(), probs[:2].mean(0), atol=1e-3)
+    results = tmp_path / "r.csv"
+    assert run_eval(runs / "model_a" / "best.pt", processed, results, "--tta", "crops") == 0
+    assert rows(results)[0]["TTA"] == "crops"
 
 
 def test_ablation_shows_what_the_text_is_worth(runs, processed, tmp_path, capsys):
