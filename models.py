@@ -56,7 +56,6 @@ class ModelConfig:
     n_heads: int = 4           # B: encoder and cross-attention heads
     d_ff: int = 2048           # B: both blocks' feed-forward width
     text_dropout: float = 0.1  # B: in the encoder and cross-attention
-    word_dropout: float = 0.0  # A and B: a token's whole embedding zeroed in training
     dropout: float | None = None  # head; None: A 0.5, B 0.2
     cross_attention: bool = True  # B: False: the reference's concat
     modality: str = "both"     # or "image" | "text": one branch
@@ -204,15 +203,6 @@ class ImageEncoder(nn.Module):
 
 
 # ---- the text branches and fusion ------------------------------------------------
-def drop_words(embedded: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Embedding dropout (Gal and Ghahramani, 2016; AWD-LSTM): in training each token's whole
-    vector (B, L, E) is zeroed with probability p and the rest scaled by 1 / (1 - p), so that a
-    branch that memorizes its training sentences cannot lean on any one word."""
-    if not (training and p):
-        return embedded
-    return embedded * F.dropout(embedded.new_ones(embedded.shape[:2] + (1,)), p, training=True)
-
-
 class GRUTextEncoder(nn.Module):
     """Model A's text branch: the GRU state after each sequence's last real token."""
 
@@ -220,11 +210,10 @@ class GRUTextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.embed_dim, cfg.gru_hidden, batch_first=True)
-        self.word_dropout = cfg.word_dropout
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # input_ids (B, L), lengths (B,) on the same device
-        x = drop_words(self.embed(input_ids), self.word_dropout, self.training)  # (B, L, E)
+        x = self.embed(input_ids)  # (B, L, E)
         outputs, _ = self.gru(x)  # (B, L, H)
         # A one-direction GRU's output at step t reads tokens 0..t only, so its output at the last
         # real token is the packed result and never reads the padding after it (the reference took
@@ -241,7 +230,6 @@ class TransformerTextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.max_len = cfg.max_len
-        self.word_dropout = cfg.word_dropout
         self.token = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
         layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.text_dropout, batch_first=True)
@@ -252,7 +240,7 @@ class TransformerTextEncoder(nn.Module):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens, the model was built for max_len {self.max_len}")
-        x = drop_words(self.token(input_ids), self.word_dropout, self.training) + self.position.weight[:length]
+        x = self.token(input_ids) + self.position.weight[:length]  # (B, L, D)
         return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
 
 

@@ -80,8 +80,6 @@ def build_parser():
     p.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val macro-F1 (0: never)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (None: A 0.5, B 0.2)")
-    p.add_argument("--word-dropout", type=float, default=0.0, metavar="P",
-                   help="a token's whole embedding zeroed in training with probability P (A and B)")
     p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
     p.add_argument("--input-size", type=positive_int, default=224,
@@ -116,8 +114,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.modality_dropout < 1:
         p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
-    if not 0 <= args.word_dropout < 1:
-        p.error(f"--word-dropout is a probability below 1, got {args.word_dropout}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema is a decay in [0, 1), got {args.ema}")
     if args.mix and not (args.modality == "image" and args.finetune_backbone):
@@ -174,7 +170,7 @@ def build(args, meta, tokenizer, device, run_dir):
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
                       pretrained=not (args.no_pretrained or args.trunk_from), trunk_from=args.trunk_from or "",
                       finetune=args.finetune_backbone,
-                      n_layers=args.layers, n_heads=args.heads, dropout=args.dropout, word_dropout=args.word_dropout,
+                      n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
                       cross_attention=not args.no_cross_attention, modality=args.modality,
                       augment=args.finetune_backbone)
     model = build_model(cfg)

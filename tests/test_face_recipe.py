@@ -33,9 +33,8 @@ def test_the_loss_reads_the_adjusted_logits_and_the_model_its_own(processed):
     no_amp = nullcontext()
 
     def epoch_loss(logit_offsets):
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        run = training.Run(model, model, training.make_optimizer(model, 1e-3), scaler, no_amp,
-                           Batches(split, 64, "cpu", shuffle=True), None, logit_offsets=logit_offsets)
+        run = training.Run(model, model, training.make_optimizer(model, 1e-3), torch.amp.GradScaler("cpu", enabled=False),
+                           no_amp, Batches(split, 64, "cpu", shuffle=True), None, logit_offsets=logit_offsets)
         return training.train_epoch(run, lr_at=lambda step: 0.0, show_progress=False)[2].item()
 
     logits = evaluate(model, Batches(split, 64, "cpu"), no_amp)["log_probs"]  # log-softmax: the same CE

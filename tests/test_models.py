@@ -294,26 +294,3 @@ def test_parameter_groups_decay_only_matrices_and_slow_the_trunk(arch):
     assert [g["name"] for g in frozen] == ["head", "head no decay"]
     assert models.default_backbone_lr_scale(small_config(arch)) == 1.0  # a random trunk
     assert models.default_backbone_lr_scale(small_config(arch, pretrained=True)) == 0.1
-
-
-def test_word_dropout_zeroes_whole_tokens_in_training_only():
-    torch.manual_seed(0)
-    embedded = torch.rand(64, 30, 16) + 0.5  # no zero of its own
-    dropped = models.drop_words(embedded, 0.3, training=True)
-    kept = (dropped != 0).all(2)
-    # a token loses its whole vector or keeps it, scaled by 1 / (1 - p)
-    assert torch.equal((dropped == 0).any(2), ~kept)
-    assert torch.allclose(dropped[kept], embedded[kept] / 0.7)
-    assert abs((~kept).float().mean().item() - 0.3) < 0.03
-    assert models.drop_words(embedded, 0.3, training=False) is embedded
-    # both text branches draw it in training mode, and read alike in eval mode
-    for arch in ("a", "b"):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(arch=arch, vocab_size=50, max_len=12, pretrained=False, modality="text",
-                                        word_dropout=0.5, text_dropout=0.0, dropout=0.0))
-        ids = torch.randint(1, 50, (8, 12))
-        lengths = torch.full((8,), 12)
-        model.eval()
-        assert torch.equal(model(ids, lengths), model(ids, lengths))
-        model.train()
-        assert not torch.allclose(model(ids, lengths), model(ids, lengths))
