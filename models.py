@@ -389,35 +389,6 @@ def build_model(cfg: ModelConfig) -> EmotionModel:
     return ModelA(cfg) if cfg.arch == "a" else ModelB(cfg)
 
 
-def default_backbone_lr_scale(cfg: ModelConfig) -> float:
-    """The trunk's learning rate / the head's when fine-tuning: a trunk that starts trained (ImageNet's
-    weights, or another run's trunk: --trunk-from) wants a gentler step than a fresh head (0.1); a
-    random trunk at a tenth of the rate barely moves (1.0)."""
-    return 0.1 if cfg.pretrained or cfg.trunk_from else 1.0
-
-
-def parameter_groups(model: EmotionModel, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
-    """AdamW groups of the trainable parameters, the head's first: the trunk (image_encoder.*) at
-    lr * backbone_lr_scale, the rest at lr, each with `base_lr` for a schedule to scale. Weight decay
-    only on weight matrices and kernels: biases and norm scales/shifts (the 1-D parameters) are
-    offsets and gains that decay pulls to zero for no regularizing gain, and an embedding row of a
-    rare token would decay at every step but learn only when its token appears."""
-    groups = {"head": [], "head no decay": [], "trunk": [], "trunk no decay": []}
-    for module_name, module in model.named_modules():
-        for name, parameter in module.named_parameters(prefix=module_name, recurse=False):
-            if parameter.requires_grad:
-                part = "trunk" if name.startswith("image_encoder.") else "head"
-                decay = parameter.ndim >= 2 and not isinstance(module, nn.Embedding)
-                groups[part if decay else f"{part} no decay"].append(parameter)
-    param_groups = []
-    for key, params in groups.items():
-        if params:  # a frozen trunk has no groups
-            rate = lr * backbone_lr_scale if key.startswith("trunk") else lr
-            param_groups.append({"name": key, "params": params, "lr": rate, "base_lr": rate,
-                                 "weight_decay": 0.0 if key.endswith("no decay") else weight_decay})
-    return param_groups
-
-
 def parameter_counts(model: EmotionModel) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

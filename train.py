@@ -28,8 +28,7 @@ from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_b
 from metrics import evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
 from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
-from training import (Run, calibrate, class_offsets, lr_factor, make_ema, make_mix, make_optimizer, restore,
-                      save, train_epoch)
+from training import Run, add_extras, calibrate, lr_factor, make_optimizer, restore, save, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                "val_macro_f1", "lr", "samples_per_s", "seconds"]
@@ -264,19 +263,7 @@ def start(args, given, run_dir):
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(model, step_model, optimizer, scaler, mixed_precision, train_batches, val_batches)
-    if args.modality_dropout > 0 and train_batches.cached and model.cfg.modality == "both":
-        run.blank_features = model.image_encoder.blank_features(meta["image_size"])
-    if args.logit_adjust:
-        run.logit_offsets = class_offsets(train_batches.split["labels"], model.cfg.num_classes,
-                                          args.logit_adjust).to(device)
-    if args.mix:
-        run.mix = make_mix(args.mix, model.cfg.num_classes)
-    if args.ema:
-        # on resume last.pt's model is the average, and train_state holds the weights as trained
-        run.ema = make_ema(model)
-        run.ema_decay = args.ema
-        if state is not None:
-            model.load_state_dict(state["training_weights"])
+    add_extras(run, args, meta["image_size"], device, state)
     if state is None:
         run.counters.train_seconds += cache_seconds
     else:

@@ -22,7 +22,6 @@ from checkpoints import load_checkpoint, save_checkpoint
 from data import Batches
 from distributed import MASTER, RANK, WORLD_SIZE, gather
 from metrics import ablations, calibration_error, evaluate, fit_temperature, temper
-from models import default_backbone_lr_scale, parameter_groups
 from runtime import DataError, progress
 
 
@@ -93,8 +92,37 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
+def default_backbone_lr_scale(cfg) -> float:
+    """The trunk's learning rate / the head's when fine-tuning: a trunk that starts trained (ImageNet's
+    weights, or another run's trunk: --trunk-from) wants a gentler step than a fresh head (0.1); a
+    random trunk at a tenth of the rate barely moves (1.0)."""
+    return 0.1 if cfg.pretrained or cfg.trunk_from else 1.0
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """AdamW groups of the trainable parameters, the head's first: the trunk (image_encoder.*) at
+    lr * backbone_lr_scale, the rest at lr, each with `base_lr` for a schedule to scale. Weight decay
+    only on weight matrices and kernels: biases and norm scales/shifts (the 1-D parameters) are
+    offsets and gains that decay pulls to zero for no regularizing gain, and an embedding row of a
+    rare token would decay at every step but learn only when its token appears."""
+    groups = {"head": [], "head no decay": [], "trunk": [], "trunk no decay": []}
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(prefix=module_name, recurse=False):
+            if parameter.requires_grad:
+                part = "trunk" if name.startswith("image_encoder.") else "head"
+                decay = parameter.ndim >= 2 and not isinstance(module, nn.Embedding)
+                groups[part if decay else f"{part} no decay"].append(parameter)
+    param_groups = []
+    for key, params in groups.items():
+        if params:  # a frozen trunk has no groups
+            rate = lr * backbone_lr_scale if key.startswith("trunk") else lr
+            param_groups.append({"name": key, "params": params, "lr": rate, "base_lr": rate,
+                                 "weight_decay": 0.0 if key.endswith("no decay") else weight_decay})
+    return param_groups
+
+
 def make_optimizer(model, lr, weight_decay=0.01, backbone_lr_scale=None, device=torch.device("cpu")):
-    """AdamW over models.parameter_groups: no weight decay on biases, norms and embeddings."""
+    """AdamW over parameter_groups: no weight decay on biases, norms and embeddings."""
     if backbone_lr_scale is None:
         backbone_lr_scale = default_backbone_lr_scale(model.cfg)
     groups = parameter_groups(model, lr, weight_decay, backbone_lr_scale)
@@ -124,6 +152,26 @@ def mix_faces(mix, images, labels):
     so a MixUp blend is rounded back to them (CutMix moves pixels and rounds nothing)."""
     mixed, targets = mix(images.unsqueeze(1).float(), labels)
     return mixed.squeeze(1).round().to(torch.uint8), targets
+
+
+def add_extras(run, args, image_size, device, state=None):
+    """What train.py's flags add to each step of `run`: the blank face's cached features
+    (--modality-dropout from the cache), the logit offsets (--logit-adjust), MixUp or CutMix
+    (--mix), the moving average (--ema). `state`: last.pt's train state on resume."""
+    model = run.model
+    if args.modality_dropout > 0 and run.train_batches.cached and model.cfg.modality == "both":
+        run.blank_features = model.image_encoder.blank_features(image_size)
+    if args.logit_adjust:
+        run.logit_offsets = class_offsets(run.train_batches.split["labels"], model.cfg.num_classes,
+                                          args.logit_adjust).to(device)
+    if args.mix:
+        run.mix = make_mix(args.mix, model.cfg.num_classes)
+    if args.ema:
+        # on resume last.pt's model is the average, and the train state holds the weights as trained
+        run.ema = make_ema(model)
+        run.ema_decay = args.ema
+        if state is not None:
+            model.load_state_dict(state["training_weights"])
 
 
 def lr_factor(step, total_steps, args):

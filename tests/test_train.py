@@ -329,7 +329,7 @@ def test_ema_saves_the_moving_average_and_resumes_exactly(processed, cache, tmp_
     # the model as the run starts, and every step's weights as trained, where the average reads them
     starts = []
     steps = []
-    make = train.make_ema
+    make = training.make_ema
     update = training.update_ema
 
     def made(model):
@@ -340,7 +340,7 @@ def test_ema_saves_the_moving_average_and_resumes_exactly(processed, cache, tmp_
         steps.append({name: value.clone() for name, value in model.state_dict().items()})
         update(ema, model, decay)
 
-    monkeypatch.setattr(train, "make_ema", made)
+    monkeypatch.setattr(training, "make_ema", made)
     monkeypatch.setattr(training, "update_ema", updated)
     common = ["--model", "a", "--data", str(processed), "--cache-dir", str(cache), "--ema", "0.9", *TINY]
     assert train.main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"]) == 0
