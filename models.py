@@ -6,13 +6,12 @@
     features = model.image_features(images)                    # cacheable with a frozen trunk
     logits = model(input_ids, lengths, image_features=features)  # the same logits
 
-Here, in order: the config, the image branch both models share (preprocessing on the device,
-random training views, the ResNet-18 trunk, frozen by default), the two text encoders, Model
-B's cross-attention, and the two models. Model A reads the text with a GRU and concatenates;
-Model B's Transformer tokens attend over the trunk's grid of region tokens (ceil(input/32) a
-side: 7x7 at 224; the reference attended to one pooled vector, where softmax over one key is
-always 1). `ModelConfig(modality="image"|"text")` builds one branch and the head: the
-single-modality baselines fusion is measured against. Saving and loading: checkpoints.py.
+In order: the config, the shared image branch (on-device preprocessing, random training views, the
+ResNet-18 trunk, frozen by default), the two text encoders, Model B's cross-attention, the models.
+A reads the text with a GRU and concatenates; B's Transformer tokens attend over the trunk's grid of
+region tokens (ceil(input/32) a side, 7x7 at 224; the reference attended to one pooled vector, where
+softmax over one key is always 1). `ModelConfig(modality="image"|"text")` builds one branch and the
+head: the baselines fusion is measured against. Saving and loading: checkpoints.py.
 """
 import hashlib
 import json
@@ -173,16 +172,14 @@ class ImageEncoder(nn.Module):
         mode: what a missing face is to the model, in the ablation and in modality dropout."""
         blank = torch.full((1, image_size, image_size), BLANK_PIXEL, dtype=torch.uint8, device=self.mean.device)
         training = self.training
-        self.eval()
-        features = self(blank)
+        features = self.eval()(blank)
         self.train(training)
         return features
 
     def blank_rows(self, features: dict, missing: torch.Tensor, image_size: int) -> dict:
         """`features` with the rows where `missing` (bool (B,)) replaced by the blank face's: modality
-        dropout while the trunk trains. A blank face fed through the trunk in training mode would enter
-        BatchNorm's batch statistics and running averages: a constant, zero-variance input that never
-        occurs at test time."""
+        dropout while the trunk trains. Fed through a training-mode trunk, a blank face would enter
+        BatchNorm's statistics: a constant, zero-variance input that never occurs at test time."""
         lost = self.blank_features(image_size)
         return {name: torch.where(missing.view(-1, *[1] * (value.dim() - 1)), lost[name].to(value.dtype), value)
                 for name, value in features.items()}
@@ -195,8 +192,7 @@ class ImageEncoder(nn.Module):
                          "std": self.std.flatten().tolist(), "resize": RESIZE_MODE, "align_corners": False,
                          "features": "pooled+regions" if self.regions else "pooled"}
         digest.update(json.dumps(preprocessing, sort_keys=True).encode())
-        # BatchNorm statistics included
-        for name, tensor in self.trunk.state_dict().items():
+        for name, tensor in self.trunk.state_dict().items():  # BatchNorm statistics too
             digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -213,8 +209,7 @@ class GRUTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # input_ids (B, L), lengths (B,) on the same device
-        x = self.embed(input_ids)  # (B, L, E)
-        outputs, _ = self.gru(x)  # (B, L, H)
+        outputs, _ = self.gru(self.embed(input_ids))  # (B, L, H)
         # A one-direction GRU's output at step t reads tokens 0..t only, so its output at the last
         # real token is the packed result and never reads the padding after it (the reference took
         # h[-1] of a padded batch). Packing would need the lengths on the host: a sync every step.
@@ -317,15 +312,13 @@ class EmotionModel(nn.Module):
                     features = self.image_encoder.blank_rows(features, missing_image, images.shape[-1])
             else:
                 # a cache may hold float16: compute in the parameters' dtype
-                dtype = self.head[-1].weight.dtype
-                features = {name: value.to(dtype) for name, value in image_features.items()}
+                features = {name: value.to(self.head[-1].weight.dtype) for name, value in image_features.items()}
             vectors.append(features["pooled"])  # (B, 512)
         if self.uses_text:
             if input_ids.shape[1] == 0:  # empty texts, trimmed to width 0
                 input_ids = input_ids.new_zeros(input_ids.shape[0], 1)
-            # data.Batches puts lengths on the device; the demo's may be on the host
-            if lengths.device != input_ids.device:
-                lengths = lengths.to(input_ids.device)
+            # data.Batches puts lengths on the device already; the demo's may be on the host
+            lengths = lengths.to(input_ids.device)
             text, attention = self.text_vector(input_ids, lengths, features, need_weights=return_attention)
             vectors.append(text)  # (B, T)
         logits = self.head(torch.cat(vectors, dim=1))  # (B, C)
@@ -392,8 +385,7 @@ def build_model(cfg: ModelConfig) -> EmotionModel:
 def parameter_counts(model: EmotionModel) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return trainable, frozen
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
 
 def describe(model: EmotionModel) -> str:
