@@ -140,6 +140,8 @@ def bench(args):
         t0 = time.perf_counter()
         evaluate(model, Batches(split, 256, device, features=features), mixed_precision)
         figures["eval_pairs_per_s_cached"] = args.samples / (time.perf_counter() - t0)
+        if args.no_demo:
+            return figures
 
         # (c) the demo: a saved checkpoint, loaded back, one image + one sentence
         tokenizer = tiny_tokenizer(cfg.vocab_size)
@@ -254,6 +256,8 @@ def parse_args(argv=None):
                    help="mixed precision, as train.py: auto is bf16 where the GPU or CPU has it natively, "
                         "fp16 on older GPUs, off on other CPUs; bf16 or fp16 forces that type; off is fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--no-demo", action="store_true",
+                   help="(a) and (b) only: skip (c) and (d), which read no --amp (gpu_check.py's fp32 pass)")
     p.add_argument("--json", action="store_true",
                    help="end with one JSON object of every figure (cache_speedup among them)")
     return p.parse_args(argv)

@@ -7,7 +7,7 @@ requirements (no network, no Kaggle: synthetic faces).
 
 Stages, each timed (wall seconds, images/s, peak memory from torch.cuda.max_memory_allocated):
   tests      the CUDA-only tests (pytest -m cuda), the cached steps under set_sync_debug_mode("error")
-  bench      bench.py --json at the real shapes (input 224, batch 64), bf16 and fp32
+  bench      bench.py --json at the real shapes (input 224, batch 64), bf16, then fp32 --no-demo
   prepare    synthetic faces at the real size: 30,002 train, 7,504 val, 4,200 test, 100x100 gray
   train_b    Model B with the reference's settings from the feature cache: the cache build, then
              --epochs cached epochs (default 100)
@@ -111,6 +111,8 @@ def tests_stage():
 def bench_stage(args, amp):
     sizes = ["--samples", "16", "--batch-size", "8", "--repeats", "1", "--photos", "4", "--processes", "1"]
     sizes = sizes if args.tiny else []
+    # the demo and the recognizer read no --amp: measured once, in the bf16 pass
+    sizes += ["--no-demo"] if amp == "off" else []
     passed, tail = run_command([sys.executable, "bench.py", "--json", "--amp", amp, "--device", args.device, *sizes])
     figures = json.loads(tail[-1]) if passed else {"error": " | ".join(tail)}
     keep = ("dtype", "feature_images_per_s", "train_samples_per_s_cached", "step_ms", "step_gather_ms",

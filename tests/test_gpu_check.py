@@ -28,6 +28,8 @@ def test_every_stage_runs_on_the_cpu_at_tiny_sizes(tmp_path, capsys):
     assert stages["prepare"]["faces"] == {"train": 140, "val": 56, "test": 56}
     assert stages["train_b"]["epochs"] == 2 and stages["train_b"]["cache_s"] > 0
     assert stages["bench_off"]["dtype"] == "float32" and stages["bench_bf16"]["dtype"] == "bfloat16"
+    # the demo's figures read no --amp: the bf16 pass alone measures them
+    assert "demo_latency_ms" in stages["bench_bf16"] and "demo_latency_ms" not in stages["bench_off"]
     assert set(written["targets"]) == {"trunk_bf16_images_per_s", "train_b_100_epochs_min"}
     assert written["stopped_in"] is None and written["torch"] == torch.__version__
     table = capsys.readouterr().out.split("\ngpu-check ")[-1]
