@@ -112,8 +112,9 @@ def bench_stage(args, amp):
     sizes = ["--samples", "16", "--batch-size", "8", "--repeats", "1", "--photos", "4", "--processes", "1"]
     sizes = sizes if args.tiny else []
     # the demo and the recognizer read no --amp: measured once, in the bf16 pass
-    sizes += ["--no-demo"] if amp == "off" else []
-    passed, tail = run_command([sys.executable, "bench.py", "--json", "--amp", amp, "--device", args.device, *sizes])
+    demo = ["--no-demo"] if amp == "off" else []
+    passed, tail = run_command([sys.executable, "bench.py", "--json", "--amp", amp, "--device", args.device,
+                                *sizes, *demo])
     figures = json.loads(tail[-1]) if passed else {"error": " | ".join(tail)}
     keep = ("dtype", "feature_images_per_s", "train_samples_per_s_cached", "step_ms", "step_gather_ms",
             "estimate_100_epochs_30k_min", "cache_speedup", "demo_latency_ms")
