@@ -144,6 +144,7 @@ def test_same_seed_same_bytes_second_run_skips_force_redoes(tmp_path, local_data
     assert "done already" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_same_bytes_in_a_fresh_process(tmp_path):
     """Hash maps are seeded per process: output that follows their order differs between
     runs, never within one. Many equally frequent letter pairs make the tokenizer's merge

@@ -256,6 +256,7 @@ def run_workers(cache_dir, world_size, fail_on_rank=-1):
     return results
 
 
+@pytest.mark.slow
 def test_two_ranks_build_the_cache_one_process_would(tmp_path, capsys):
     alone = tmp_path / "alone"
     ranks = tmp_path / "ranks"
@@ -271,6 +272,7 @@ def test_two_ranks_build_the_cache_one_process_would(tmp_path, capsys):
         assert (ranks / name).read_bytes() == (alone / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_ends_both_in_one_line(tmp_path):
     start = time.monotonic()
     results = run_workers(tmp_path / "cache", 2, fail_on_rank=1)
