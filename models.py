@@ -50,6 +50,7 @@ class ModelConfig:
     finetune: bool = False     # False: trunk frozen, in eval mode
     embed_dim: int = 256       # A: token embedding width
     gru_hidden: int = 512      # A: GRU state, the text vector
+    embed_dropout: float = 0.0  # A: on the token embeddings
     d_model: int = 512         # B: text tokens, regions, text vector
     n_layers: int = 3          # B: Transformer encoder layers
     n_heads: int = 4           # B: encoder and cross-attention heads
@@ -205,11 +206,12 @@ class GRUTextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.dropout = nn.Dropout(cfg.embed_dropout)
         self.gru = nn.GRU(cfg.embed_dim, cfg.gru_hidden, batch_first=True)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # input_ids (B, L), lengths (B,) on the same device
-        outputs, _ = self.gru(self.embed(input_ids))  # (B, L, H)
+        outputs, _ = self.gru(self.dropout(self.embed(input_ids)))  # (B, L, H)
         # A one-direction GRU's output at step t reads tokens 0..t only, so its output at the last
         # real token is the packed result and never reads the padding after it (the reference took
         # h[-1] of a padded batch). Packing would need the lengths on the host: a sync every step.

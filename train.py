@@ -79,6 +79,8 @@ def build_parser():
     p.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val macro-F1 (0: never)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (None: A 0.5, B 0.2)")
+    p.add_argument("--embed-dropout", type=float, default=0.0, metavar="P",
+                   help="Model A: dropout on the token embeddings, before the GRU")
     p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
     p.add_argument("--input-size", type=positive_int, default=224,
@@ -113,6 +115,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.modality_dropout < 1:
         p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
+    if not 0 <= args.embed_dropout < 1:
+        p.error(f"--embed-dropout is a probability below 1, got {args.embed_dropout}")
+    if args.embed_dropout and args.model != "a":
+        p.error("--embed-dropout is Model A's, on its GRU's input; Model B's encoder has its own dropout")
     if not 0 <= args.ema < 1:
         p.error(f"--ema is a decay in [0, 1), got {args.ema}")
     if args.mix and not (args.modality == "image" and args.finetune_backbone):
@@ -169,7 +175,7 @@ def build(args, meta, tokenizer, device, run_dir):
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
                       pretrained=not (args.no_pretrained or args.trunk_from), trunk_from=args.trunk_from or "",
                       finetune=args.finetune_backbone,
-                      n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
+                      embed_dropout=args.embed_dropout, n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
                       cross_attention=not args.no_cross_attention, modality=args.modality,
                       augment=args.finetune_backbone)
     model = build_model(cfg)

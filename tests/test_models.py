@@ -158,6 +158,22 @@ def test_gru_gathered_at_the_last_real_token_equals_the_packed_run():
             torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-5)
 
 
+def test_embedding_dropout_drops_what_the_gru_reads_in_training_only():
+    plain = small_model("a").text_encoder
+    dropped = small_model("a", embed_dropout=0.5).text_encoder
+    ids, lengths, _ = batch(size=6, length=12)
+    assert torch.equal(dropped.eval()(ids, lengths), plain.eval()(ids, lengths))
+    read = []
+    dropped.gru.register_forward_pre_hook(lambda module, inputs: read.append(inputs[0]))
+    dropped.train()(ids, lengths)
+    real = ids != 0
+    embedded, seen = plain.embed(ids)[real], read[0][real]  # (tokens, 32) each
+    kept = seen != 0
+    # about half of the 1,024 entries of the 32 real tokens are zeroed (sd 0.016), the rest scaled by 2
+    assert abs(kept.float().mean().item() - 0.5) < 0.1
+    torch.testing.assert_close(seen[kept], 2 * embedded[kept])
+
+
 @pytest.mark.parametrize("arch", ["a", "b"])
 def test_empty_text_gives_a_zero_text_vector(arch):
     model = small_model(arch).eval()
