@@ -212,11 +212,9 @@ class GRUTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # input_ids (B, L), lengths (B,) on the same device
         outputs, _ = self.gru(self.dropout(self.embed(input_ids)))  # (B, L, H)
-        # A one-direction GRU's output at step t reads tokens 0..t only, so its output at the last
-        # real token is the packed result and never reads the padding after it (the reference took
-        # h[-1] of a padded batch). Packing would need the lengths on the host: a sync every step.
-        last = (lengths.long() - 1).clamp(min=0)  # (B,)
-        index = last.view(-1, 1, 1).expand(-1, 1, outputs.shape[2])  # (B, 1, H)
+        # A one-direction GRU's output at step t reads tokens 0..t only: at the last real token, the packed
+        # result (the reference took h[-1] of a padded batch), with no host sync that packing would need.
+        index = (lengths.long() - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, outputs.shape[2])  # (B, 1, H)
         state = outputs.gather(1, index).squeeze(1)  # (B, H)
         return state.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # (B, H); empty: zeros
 

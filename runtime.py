@@ -97,6 +97,14 @@ def positive_int(value):
     return int(value)
 
 
+def unit_fraction(value):
+    """argparse type: a number in [0, 1) (a dropout probability, an EMA decay)."""
+    number = float(value)
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return number
+
+
 def pick_device(name="auto"):
     """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error.
     Under torchrun, CUDA is this process's own GPU (LOCAL_RANK), made the current one."""

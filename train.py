@@ -27,7 +27,7 @@ from data import Batches, cached_features, load_meta, load_split, load_text_pool
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, sync_batchnorm
 from metrics import evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
-from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser
+from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser, unit_fraction
 from training import Run, add_extras, calibrate, lr_factor, make_optimizer, restore, save, train_epoch
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
@@ -59,11 +59,11 @@ def build_parser():
     p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
     p.add_argument("--modality", choices=["both", "image", "text"], default="both",
                    help="image or text: the same branch and head on one input (a baseline)")
-    p.add_argument("--modality-dropout", type=float, default=0.2, metavar="P",
+    p.add_argument("--modality-dropout", type=unit_fraction, default=0.2, metavar="P",
                    help="a fused model's pair loses its sentence with probability P, or else its face "
                         "with probability P (never both), so that one input alone is something it knows; "
                         "0 trains on full pairs only, as the reference")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    p.add_argument("--ema", type=unit_fraction, default=0.0, metavar="DECAY",
                    help="evaluate, calibrate and save an exponential moving average of the weights, "
                         "updated every step with this decay (e.g. 0.999); 0: the weights as trained")
     p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
@@ -79,7 +79,7 @@ def build_parser():
     p.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val macro-F1 (0: never)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (None: A 0.5, B 0.2)")
-    p.add_argument("--embed-dropout", type=float, default=0.0, metavar="P",
+    p.add_argument("--embed-dropout", type=unit_fraction, default=0.0, metavar="P",
                    help="Model A: dropout on the token embeddings, before the GRU")
     p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
@@ -113,14 +113,8 @@ def parse_args(argv=None):
     """-> (args, the names of the flags given on the command line)."""
     p = build_parser()
     args = p.parse_args(argv)
-    if not 0 <= args.modality_dropout < 1:
-        p.error(f"--modality-dropout is a probability below 1, got {args.modality_dropout}")
-    if not 0 <= args.embed_dropout < 1:
-        p.error(f"--embed-dropout is a probability below 1, got {args.embed_dropout}")
     if args.embed_dropout and args.model != "a":
         p.error("--embed-dropout is Model A's, on its GRU's input; Model B's encoder has its own dropout")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema is a decay in [0, 1), got {args.ema}")
     if args.mix and not (args.modality == "image" and args.finetune_backbone):
         p.error("--mix mixes faces and their labels: it needs --modality image (a sentence would not "
                 "mix with them) and --finetune-backbone (cached features hold no pixels)")
