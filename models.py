@@ -50,7 +50,7 @@ class ModelConfig:
     finetune: bool = False     # False: trunk frozen, in eval mode
     embed_dim: int = 256       # A: token embedding width
     gru_hidden: int = 512      # A: GRU state, the text vector
-    embed_dropout: float = 0.0  # A: on the token embeddings
+    embed_dropout: float = 0.0  # on the token embeddings (B: + positions)
     d_model: int = 512         # B: text tokens, regions, text vector
     n_layers: int = 3          # B: Transformer encoder layers
     n_heads: int = 4           # B: encoder and cross-attention heads
@@ -227,6 +227,7 @@ class TransformerTextEncoder(nn.Module):
         self.max_len = cfg.max_len
         self.token = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.embed_dropout)
         layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.text_dropout, batch_first=True)
         # Nested tensors would drop the padded positions in eval mode only: keep one code path.
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
@@ -235,7 +236,7 @@ class TransformerTextEncoder(nn.Module):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens, the model was built for max_len {self.max_len}")
-        x = self.token(input_ids) + self.position.weight[:length]  # (B, L, D)
+        x = self.dropout(self.token(input_ids) + self.position.weight[:length])  # (B, L, D)
         return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
 
 

@@ -80,7 +80,8 @@ def build_parser():
                    help="stop after N epochs without a better val macro-F1 (0: never)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (None: A 0.5, B 0.2)")
     p.add_argument("--embed-dropout", type=unit_fraction, default=0.0, metavar="P",
-                   help="Model A: dropout on the token embeddings, before the GRU")
+                   help="dropout on each entry of the token embeddings, before Model A's GRU or Model B's "
+                        "encoder (B: token + position)")
     p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
     p.add_argument("--input-size", type=positive_int, default=224,
@@ -113,8 +114,6 @@ def parse_args(argv=None):
     """-> (args, the names of the flags given on the command line)."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.embed_dropout and args.model != "a":
-        p.error("--embed-dropout is Model A's, on its GRU's input; Model B's encoder has its own dropout")
     if args.mix and not (args.modality == "image" and args.finetune_backbone):
         p.error("--mix mixes faces and their labels: it needs --modality image (a sentence would not "
                 "mix with them) and --finetune-backbone (cached features hold no pixels)")

@@ -158,18 +158,26 @@ def test_gru_gathered_at_the_last_real_token_equals_the_packed_run():
             torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-5)
 
 
-def test_embedding_dropout_drops_what_the_gru_reads_in_training_only():
-    plain = small_model("a").text_encoder
-    dropped = small_model("a", embed_dropout=0.5).text_encoder
+@pytest.mark.parametrize("arch", ["a", "b"])
+def test_embedding_dropout_drops_what_the_encoder_reads_in_training_only(arch):
+    plain = small_model(arch).text_encoder
+    dropped = small_model(arch, embed_dropout=0.5).text_encoder
     ids, lengths, _ = batch(size=6, length=12)
-    assert torch.equal(dropped.eval()(ids, lengths), plain.eval()(ids, lengths))
+    # A's GRU reads the lengths, B's encoder the pad mask
+    second = lengths if arch == "a" else ids == 0
+    assert torch.equal(dropped.eval()(ids, second), plain.eval()(ids, second))
     read = []
-    dropped.gru.register_forward_pre_hook(lambda module, inputs: read.append(inputs[0]))
-    dropped.train()(ids, lengths)
+    reader = dropped.gru if arch == "a" else dropped.encoder
+    reader.register_forward_pre_hook(lambda module, inputs: read.append(inputs[0]))
+    dropped.train()(ids, second)
     real = ids != 0
-    embedded, seen = plain.embed(ids)[real], read[0][real]  # (tokens, 32) each
+    if arch == "a":
+        embedded = plain.embed(ids)
+    else:
+        embedded = plain.token(ids) + plain.position.weight[:ids.shape[1]]
+    embedded, seen = embedded[real], read[0][real]  # (tokens, D) each
     kept = seen != 0
-    # about half of the 1,024 entries of the 32 real tokens are zeroed (sd 0.016), the rest scaled by 2
+    # about half of the entries of the 32 real tokens are zeroed (sd under 0.016), the rest scaled by 2
     assert abs(kept.float().mean().item() - 0.5) < 0.1
     torch.testing.assert_close(seen[kept], 2 * embedded[kept])
 

@@ -234,8 +234,7 @@ def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, 
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--epochs", "0"], ["--device", "gpu"],
-                                   ["--modality-dropout", "1.5"], ["--ema", "1"], ["--embed-dropout", "1"],
-                                   ["--embed-dropout", "0.3", "--model", "b"]])
+                                   ["--modality-dropout", "1.5"], ["--ema", "1"], ["--embed-dropout", "1"]])
 def test_bad_values_are_one_line_and_write_nothing(flags, processed, tmp_path, capfd):
     with pytest.raises(SystemExit) if flags[0] != "--device" else nullcontext():
         code = train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path / "runs"), *flags])
