@@ -224,7 +224,6 @@ class TransformerTextEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.max_len = cfg.max_len
         self.token = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
         self.dropout = nn.Dropout(cfg.embed_dropout)
@@ -234,8 +233,8 @@ class TransformerTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens, the model was built for max_len {self.max_len}")
+        if length > self.position.num_embeddings:  # ModelConfig.max_len
+            raise ValueError(f"{length} tokens: the model was built for max_len {self.position.num_embeddings}")
         x = self.dropout(self.token(input_ids) + self.position.weight[:length])  # (B, L, D)
         return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
 
