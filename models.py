@@ -231,11 +231,15 @@ class TransformerTextEncoder(nn.Module):
         # Nested tensors would drop the padded positions in eval mode only: keep one code path.
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
 
-    def forward(self, input_ids: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, D) token + position embeddings, as A's `embed` gives tokens."""
         length = input_ids.shape[1]
         if length > self.position.num_embeddings:  # ModelConfig.max_len
             raise ValueError(f"{length} tokens: the model was built for max_len {self.position.num_embeddings}")
-        x = self.dropout(self.token(input_ids) + self.position.weight[:length])  # (B, L, D)
+        return self.token(input_ids) + self.position.weight[:length]
+
+    def forward(self, input_ids: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.embed(input_ids))  # (B, L, D)
         return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
 
 
