@@ -82,6 +82,8 @@ def build_parser():
     p.add_argument("--embed-dropout", type=unit_fraction, default=0.0, metavar="P",
                    help="dropout on each entry of the token embeddings, before Model A's GRU or Model B's "
                         "encoder (B: token + position)")
+    p.add_argument("--text-dropout", type=unit_fraction, default=0.1, metavar="P",
+                   help="Model B: dropout inside the encoder layers and the cross-attention block")
     p.add_argument("--layers", type=positive_int, default=3, help="Model B transformer layers")
     p.add_argument("--heads", type=positive_int, default=4, help="Model B attention heads")
     p.add_argument("--input-size", type=positive_int, default=224,
@@ -167,8 +169,8 @@ def build(args, meta, tokenizer, device, run_dir):
     cfg = ModelConfig(arch=args.model, num_classes=len(meta["classes"]), max_len=meta["max_len"],
                       vocab_size=tokenizer.get_vocab_size(), input_size=args.input_size,
                       pretrained=not (args.no_pretrained or args.trunk_from), trunk_from=args.trunk_from or "",
-                      finetune=args.finetune_backbone,
-                      embed_dropout=args.embed_dropout, n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
+                      finetune=args.finetune_backbone, embed_dropout=args.embed_dropout,
+                      text_dropout=args.text_dropout, n_layers=args.layers, n_heads=args.heads, dropout=args.dropout,
                       cross_attention=not args.no_cross_attention, modality=args.modality,
                       augment=args.finetune_backbone)
     model = build_model(cfg)

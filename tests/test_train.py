@@ -177,6 +177,16 @@ def test_single_modality_runs_train_one_branch(processed, tmp_path):
     assert image.cfg.modality == "image" and not image.uses_text
 
 
+def test_text_dropout_sets_model_bs_encoder_and_cross_attention_only(processed, tmp_path):
+    meta, tokenizer = load_meta(processed), load_tokenizer(processed)
+    args, _ = train.parse_args(["--model", "b", "--text-dropout", "0.3", *TINY])
+    model, _ = train.build(args, meta, tokenizer, torch.device("cpu"), tmp_path)
+    inner = [m.p for part in (model.text_encoder.encoder, model.cross_attention) for m in part.modules()
+             if isinstance(m, torch.nn.Dropout)] + [model.cross_attention.attention.dropout]
+    assert len(inner) > 3 and set(inner) == {0.3}
+    assert model.head[0].p == 0.2 and model.text_encoder.dropout.p == 0.0  # head, --embed-dropout
+
+
 def test_fine_tuning_recipe_groups_rates_and_smoothing(processed, tmp_path):
     meta, tokenizer = load_meta(processed), load_tokenizer(processed)
     lrs = {}
@@ -234,7 +244,8 @@ def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, 
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--epochs", "0"], ["--device", "gpu"],
-                                   ["--modality-dropout", "1.5"], ["--ema", "1"], ["--embed-dropout", "1"]])
+                                   ["--modality-dropout", "1.5"], ["--ema", "1"], ["--embed-dropout", "1"],
+                                   ["--text-dropout", "1"]])
 def test_bad_values_are_one_line_and_write_nothing(flags, processed, tmp_path, capfd):
     with pytest.raises(SystemExit) if flags[0] != "--device" else nullcontext():
         code = train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path / "runs"), *flags])
