@@ -136,8 +136,7 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if self.frozen:
-            self.trunk.requires_grad_(False)
-            self.trunk.eval()
+            self.trunk.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
         # A frozen trunk keeps its ImageNet BatchNorm statistics even while the rest trains.
@@ -239,8 +238,7 @@ class TransformerTextEncoder(nn.Module):
         return self.token(input_ids) + self.position.weight[:length]
 
     def forward(self, input_ids: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.embed(input_ids))  # (B, L, D)
-        return self.encoder(x, src_key_padding_mask=ignore)  # (B, L, D); ignore: True = pad
+        return self.encoder(self.dropout(self.embed(input_ids)), src_key_padding_mask=ignore)  # (B, L, D); True = pad
 
 
 class RegionCrossAttention(nn.Module):
@@ -304,9 +302,7 @@ class EmotionModel(nn.Module):
         -> logits (B, C); with return_attention, (logits, attention): Model B's cross-attention
         weights (B, L, R) over the R regions, the mean over heads (each real token's row sums to
         1), or None. A text-only model ignores the images, an image-only model the text."""
-        features = None
-        vectors = []
-        attention = None
+        features, attention, vectors = None, None, []
         if self.uses_image:
             if (images is None) == (image_features is None):
                 raise ValueError("pass exactly one of images= or image_features=")
