@@ -244,7 +244,8 @@ def start(args, given, run_dir):
     torch.manual_seed(args.seed + RANK)
     mixed_precision, amp_dtype = autocast(device, args.amp)
     if MASTER:
-        feeding = "cached features" if uses_cache(args, model) else "images through the trunk"
+        feeding = ("cached features" if uses_cache(args, model) else
+                   "sentences only" if model.cfg.modality == "text" else "images through the trunk")
         print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {AMP_NAMES[amp_dtype]} | {feeding}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
         if args.text_from:

@@ -164,13 +164,15 @@ def test_progress_lines_when_output_is_not_a_terminal(capsys):
     assert len(lines) == 4 and lines[0].startswith("epoch 1: 1/5 batches |") and "ETA" in lines[0]
 
 
-def test_single_modality_runs_train_one_branch(processed, tmp_path):
+def test_single_modality_runs_train_one_branch(processed, tmp_path, capsys):
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
     assert train.main(["--model", "a", "--modality", "text", "--run-name", "text", *common]) == 0
     assert not (tmp_path / "cache").exists()  # no image branch: nothing to cache
+    assert "| sentences only\n" in capsys.readouterr().out
     assert train.main(["--model", "b", "--modality", "image", "--run-name", "image", *common]) == 0
     assert (tmp_path / "cache").exists()  # the frozen trunk's features, as for a fused model
+    assert "| cached features\n" in capsys.readouterr().out
     text, _, _ = load_checkpoint(tmp_path / "text" / "best.pt")
     image, _, _ = load_checkpoint(tmp_path / "image" / "best.pt")
     assert text.cfg.modality == "text" and text.image_encoder is None
