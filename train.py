@@ -245,7 +245,7 @@ def start(args, given, run_dir):
     mixed_precision, amp_dtype = autocast(device, args.amp)
     if MASTER:
         feeding = ("cached features" if uses_cache(args, model) else
-                   "sentences only" if model.cfg.modality == "text" else "images through the trunk")
+                   "images through the trunk" if model.uses_image else "sentences only")
         print(f"torch {torch.__version__} | device {device} x {WORLD_SIZE} | amp {AMP_NAMES[amp_dtype]} | {feeding}"
               f"\nmodel {args.model}: {describe(model)} | {model.cfg}")
         if args.text_from:
