@@ -87,8 +87,8 @@ gpu-check: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
-# The inner loop: every test but the slow ones (a model trained until it reads faces, or
-# several scripts or processes end to end: torchrun, gpu_check.py, bench.py).
+# The inner loop: every test but the slow ones (a model trained until it reads faces, several
+# scripts or processes end to end: torchrun, gpu_check.py, bench.py, or one run after another).
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 

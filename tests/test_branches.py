@@ -20,6 +20,7 @@ def built(argv, processed):
     return model
 
 
+@pytest.mark.slow
 def test_trunk_from_starts_the_trunk_from_another_run(runs, processed, tmp_path, capsys):
     # a donor whose trunk is not what a fresh model of the same seed would draw
     donor, _, _ = load_checkpoint(runs / "model_a" / "best.pt")

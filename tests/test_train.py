@@ -60,6 +60,7 @@ def test_tiny_run_learns(model, runs):
     assert best > 0.40
 
 
+@pytest.mark.slow
 def test_resume_matches_straight_run(processed, cache, tmp_path):
     # Model A: its head dropout and modality dropout (0.2 by default) draw from the RNG in
     # every step, so a resume that restored the RNG wrongly would draw other masks
@@ -323,6 +324,7 @@ def test_fine_tuning_never_normalizes_a_blank_face(processed):
     assert torch.equal(replaced[~missing], features["pooled"][~missing])
 
 
+@pytest.mark.slow
 def test_a_resume_that_builds_the_cache_again_counts_each_second_once(processed, tmp_path):
     common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir",
               str(tmp_path / "cache"), *TINY]
@@ -338,6 +340,7 @@ def test_a_resume_that_builds_the_cache_again_counts_each_second_once(processed,
         first["metrics"]["train_seconds"] + second_epoch, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_ema_saves_the_moving_average_and_resumes_exactly(processed, cache, tmp_path, monkeypatch):
     # the model as the run starts, and every step's weights as trained, where the average reads them
     starts = []
