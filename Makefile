@@ -88,7 +88,8 @@ test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
 # The inner loop: every test but the slow ones (a model trained until it reads faces, several
-# scripts or processes end to end: torchrun, gpu_check.py, bench.py, or one run after another).
+# scripts or processes end to end: torchrun, gpu_check.py, bench.py, train.py then evaluate.py,
+# or a resume checked against a straight run or the run it continues).
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 

@@ -26,8 +26,9 @@ TINY = ["--no-pretrained", "--input-size", "64", "--layers", "1", "--batch-size"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model until it reads faces, runs several scripts or processes "
-                            "end to end (torchrun, gpu_check.py, bench.py), or trains one run after another "
-                            "(a resume, a trunk for another run); make test-fast skips it")
+                            "end to end (torchrun, gpu_check.py, bench.py, train.py then evaluate.py), or "
+                            "checks a resume against a straight run or the run it continues; "
+                            "make test-fast skips it")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (gpu_check.py runs them)")
     # TEST_AMP_AUTO=off: --amp auto is fp32, as on a CPU without native bf16, so that one machine
     # runs the suite both ways (it must pass on either)
