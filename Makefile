@@ -87,9 +87,8 @@ gpu-check: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
-# The inner loop: every test but the slow ones (a model trained until it reads faces, several
-# scripts or processes end to end: torchrun, gpu_check.py, bench.py, train.py then evaluate.py,
-# or a resume checked against a straight run or the run it continues).
+# The inner loop: every test but those marked slow (the marker's description in
+# tests/conftest.py says which kinds).
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
