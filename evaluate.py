@@ -19,9 +19,13 @@ member's calibrated probabilities are averaged, and the row is named for all of 
 --pairs reads a CSV with the columns image,text,label (a class name; photo paths relative to
 the CSV; image or text may be empty): each photo's largest face is found and cropped as
 demo.py does, and the pairs are scored like a prepared split. A row whose photo cannot be
-read is left out, with a warning that counts it.
+read is left out, with a warning that counts it. Their macro scores average the classes in
+their labels (a set of Happy and Sad faces is not marked down for the five classes it lacks);
+the row's Classes_Averaged says how many.
 """
+import hashlib
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,8 @@ from sklearn.metrics import classification_report, confusion_matrix
 import leaks
 from checkpoints import CheckpointError, check_compatible
 from data import Batches, cached_features, load_meta, load_split, load_tokenizer
-from metrics import (ECE_BINS, RESAMPLES, ablations, bootstrap, calibration_error, evaluate, summarize,
-                     temper)
+from metrics import (ECE_BINS, RESAMPLES, ablations, bootstrap, calibration_error, evaluate, scores,
+                     summarize, temper)
 from pairs import LABELLED, read_pairs
 from recognizer import EmotionRecognizer
 from results import append_row, ensemble_row, print_results, results_row
@@ -42,6 +46,8 @@ from runtime import DataError, atomic_write, autocast, pick_device, positive_int
 
 # --tta crops: each crop's side, a fraction of the face's
 CROP_FRACTION = 0.9
+# the longest file name that ext4, XFS and most other file systems take, in bytes
+NAME_MAX = 255
 
 def score(model, split, features, batch_size, device, mixed_precision, tta=None):
     """evaluate() over a whole split. `features`: the trunk cache, dicts of [V,N,...] (variant 1
@@ -87,6 +93,11 @@ def mean_of(results):
     stacked = torch.stack([result["log_probs"] for result in results])  # (V, N, C)
     return summarize(torch.logsumexp(stacked, dim=0) - math.log(len(results)),
                      torch.from_numpy(results[0]["labels"]))
+
+
+def averaged_over(result, averaged):
+    """`result` with its macro-F1 the mean over the class ids `averaged` alone (metrics.scores)."""
+    return {**result, **scores(result["labels"], result["preds"], result["log_probs"].shape[1], averaged)}
 
 
 def calibrate(result, temperature):
@@ -176,9 +187,12 @@ def run_amp(flag, info):
 def labelled_split(pairs, recognizer, path):
     """A pairs CSV's rows -> a split as load_split gives it: each photo's largest face cropped as
     the demo crops it (or the blank face), its sentence's ids, its label. Rows that cannot be
-    read are left out and counted in one warning; an unknown label is a DataError."""
+    read are left out and counted in one warning; an unknown label is a DataError. Only the
+    face crop and the ids are kept: a phone photo is 36 MB decoded, a thousand of them 36 GB."""
     index = {name.lower(): i for i, name in enumerate(recognizer.classes)}
-    prepared = []
+    faces = []
+    input_ids = []
+    lengths = []
     labels = []
     dropped = []
     for pair in pairs:
@@ -187,18 +201,21 @@ def labelled_split(pairs, recognizer, path):
             raise DataError(f"{path}: line {pair.line}: the label {pair.label or ''!r} is not one of the "
                             f"checkpoint's classes ({', '.join(recognizer.classes)})")
         try:
-            prepared.append(recognizer.prepare(pair.path, pair.text))
+            prepared = recognizer.prepare(pair.path, pair.text)
         except DataError as err:
             dropped.append(f"line {pair.line}: {err}")
             continue
+        # a copy: the slice would keep every face of a group photo
+        faces.append(prepared.crops[0].clone())
+        input_ids.append(prepared.input_ids)
+        lengths.append(prepared.lengths)
         labels.append(label)
     if dropped:
         print(f"warning: {len(dropped)} of {len(pairs)} rows left out of the score, first {dropped[0]}")
-    if not prepared:
+    if not faces:
         raise DataError(f"{path}: no pair to score")
-    return {"images": torch.stack([p.crops[0] for p in prepared]), "labels": torch.tensor(labels),
-            "input_ids": torch.cat([p.input_ids for p in prepared]),
-            "lengths": torch.cat([p.lengths for p in prepared])}
+    return {"images": torch.stack(faces), "labels": torch.tensor(labels),
+            "input_ids": torch.cat(input_ids), "lengths": torch.cat(lengths)}
 
 
 @dataclass
@@ -237,12 +254,19 @@ def score_member(model, info, split, args, device, cache):
 
 def confusion_stem(checkpoints, split):
     """Where the confusion matrix goes: beside the checkpoint, or for an ensemble beside its
-    first member, named for all the members (run-checkpoint)."""
+    first member, named for all the members (run-checkpoint). A name past the file system's
+    255 bytes (many members, long run names) keeps its start and a digest of the whole, so
+    that each ensemble still has a file of its own; the results row names every member."""
     first = Path(checkpoints[0])
     if len(checkpoints) == 1:
-        return f"{first.with_suffix('')}_{split}_confusion"
-    members = "+".join(f"{Path(path).parent.name}-{Path(path).stem}" for path in checkpoints)
-    return f"{first.parent / f'ensemble_{members}'}_{split}_confusion"
+        name = f"{first.stem}_{split}_confusion"
+    else:
+        members = "+".join(f"{Path(path).parent.name}-{Path(path).stem}" for path in checkpoints)
+        name = f"ensemble_{members}_{split}_confusion"
+    if len(os.fsencode(f"{name}.png")) > NAME_MAX:
+        # 40 characters are at most 160 bytes of UTF-8
+        name = f"{name[:40]}_{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}_confusion"
+    return str(first.parent / name)
 
 
 def run(args):
@@ -267,10 +291,13 @@ def run(args):
         split_name = args.split
     scored = [score_member(model, info, split, args, device, cache=pairs is None) for model, _, info in members]
     uncalibrated = mean_of([member.uncalibrated for member in scored])
-    result = mean_of([member.calibrated for member in scored])
+    # A user's set may hold some classes only: its macro scores average those (scikit-learn's
+    # labels=), not the absent ones at 0. A prepared split averages all of its classes.
+    averaged = np.arange(len(classes)) if pairs is None else np.unique(split["labels"].numpy())
+    result = averaged_over(mean_of([member.calibrated for member in scored]), averaged)
     temperature = float(members[0][2]["temperature"])
     n = len(result["labels"])
-    stats = {**bootstrap(result["labels"], result["preds"], len(classes)),
+    stats = {**bootstrap(result["labels"], result["preds"], len(classes), averaged), "averaged": averaged,
              "ece": calibration_error(result["log_probs"], result["labels"]),
              "ece_uncalibrated": calibration_error(uncalibrated["log_probs"], uncalibrated["labels"]),
              # an ensemble's members have a temperature each
@@ -281,8 +308,8 @@ def run(args):
                 "crops": ", each image averaged with its mirror and five crops of each"}[args.tta]
     precision = "/".join(dict.fromkeys(member.precision for member in scored))
     print(f"{name} on {split_name} ({n} pairs{mirrored}) | amp {precision}")
-    print(classification_report(result["labels"], result["preds"], labels=range(len(classes)),
-                                target_names=classes, digits=4, zero_division=0))
+    print(classification_report(result["labels"], result["preds"], labels=averaged,
+                                target_names=[classes[i] for i in averaged], digits=4, zero_division=0))
     if stats["leak_fraction"]:
         print(f"warning: {stats['leak_fraction']:.1%} of the {args.split} faces have a near-copy in an "
               "earlier split (meta.json 'leaks'): this score is inflated; prepare_data.py --dedupe drops them")
@@ -295,8 +322,9 @@ def run(args):
     matrix = confusion_matrix(result["labels"], result["preds"], labels=range(len(classes)))
     save_confusion(matrix, classes, stem)
     calibrated_at = f"temperature {temperature:.3f}" if len(members) == 1 else f"each of the {len(members)} members' temperature"
+    over = "" if len(averaged) == len(classes) else f" over the {len(averaged)} classes in the labels"
     print(f"accuracy {row['Test_Accuracy']:.4f} [{row['Accuracy_CI_Low']:.4f}, "
-          f"{row['Accuracy_CI_High']:.4f}] | macro-F1 {row['Macro_F1']:.4f} "
+          f"{row['Accuracy_CI_High']:.4f}] | macro-F1{over} {row['Macro_F1']:.4f} "
           f"[{row['Macro_F1_CI_Low']:.4f}, {row['Macro_F1_CI_High']:.4f}] (95 % bootstrap "
           f"intervals, {RESAMPLES} resamples) | ECE {row['ECE']:.4f} at {calibrated_at}, "
           f"{row['ECE_Uncalibrated']:.4f} uncalibrated ({ECE_BINS} bins)")
@@ -306,7 +334,7 @@ def run(args):
         per_member = [ablations(member.model, split, member.features, member.again) for member in scored]
         # an ensemble's row: its members' rows averaged, where every member has one
         common = [row for row in per_member[0] if all(row in rows for rows in per_member)]
-        ablated = {row: mean_of([rows[row] for rows in per_member]) for row in common}
+        ablated = {row: averaged_over(mean_of([rows[row] for rows in per_member]), averaged) for row in common}
         print(f"\nablation on {split_name}:")
         print_ablations({"full model": result, **ablated}, classes, set(meta["text_to_class"].values()))
         modality = members[0][0].cfg.modality

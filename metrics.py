@@ -34,13 +34,15 @@ def class_counts(labels, preds, num_classes):
             np.bincount(labels[labels == preds], minlength=num_classes))
 
 
-def scores(labels, preds, num_classes):
+def scores(labels, preds, num_classes, averaged=None):
     """Accuracy and macro-F1, as training, validation, testing and the bootstrap all report them.
-    Macro-F1 is the mean over all C classes (scikit-learn's labels=range(C), zero_division=0):
-    a class the model never predicts counts as 0 even where a batch holds none of it."""
+    Macro-F1 is the mean over the class ids `averaged` (scikit-learn's labels=, zero_division=0),
+    all C where None: a class the model never predicts counts as 0 even where a batch holds none
+    of it. A user's labelled set passes the classes in its labels (see evaluate.py)."""
     true, predicted, hits = class_counts(labels, preds, num_classes)
     f1 = np.divide(2 * hits, true + predicted, out=np.zeros(num_classes), where=true + predicted > 0)
-    return {"accuracy": float(hits.sum() / len(labels)), "macro_f1": float(f1.mean())}
+    return {"accuracy": float(hits.sum() / len(labels)),
+            "macro_f1": float((f1 if averaged is None else f1[averaged]).mean())}
 
 
 def summarize(log_probs, labels):
@@ -70,11 +72,12 @@ def evaluate(model, batches, mixed_precision=nullcontext()):
     return summarize(torch.cat(log_probs), torch.cat(labels))
 
 
-def bootstrap(labels, preds, num_classes, resamples=RESAMPLES, seed=0):
+def bootstrap(labels, preds, num_classes, averaged=None, resamples=RESAMPLES, seed=0):
     """95 % intervals of accuracy and macro-F1 (percentiles over test sets of the same size
-    drawn with replacement): how far the score would move on another test set like this one."""
+    drawn with replacement): how far the score would move on another test set like this one.
+    Every draw averages the same classes, `averaged` (see scores), whichever of them it holds."""
     generator = np.random.default_rng(seed)
-    draws = [scores(labels[rows], preds[rows], num_classes)
+    draws = [scores(labels[rows], preds[rows], num_classes, averaged)
              for rows in (generator.integers(0, len(labels), len(labels)) for _ in range(resamples))]
     return {key: tuple(np.percentile([draw[key] for draw in draws], [2.5, 97.5]))
             for key in ("accuracy", "macro_f1")}

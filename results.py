@@ -28,7 +28,7 @@ REFERENCE_COLUMNS = ["Experiment_ID", "Test_Accuracy", "Macro_Precision", "Macro
 EXTRA_COLUMNS = ["Model", "Modality", "Run", "Checkpoint_Epoch", "Split", "TTA",
                  "Accuracy_CI_Low", "Accuracy_CI_High", "Macro_F1_CI_Low", "Macro_F1_CI_High", "ECE",
                  "ECE_Uncalibrated", "Temperature", "Weighted_F1", "Data_Source", "Trunk", "Finetuned", "Train_Seconds",
-                 "Leak_Fraction", "Members"]
+                 "Leak_Fraction", "Members", "Classes_Averaged"]
 
 
 def trunk_origin(cfg):
@@ -40,12 +40,13 @@ def trunk_origin(cfg):
 
 def results_row(result, stats, classes, info, checkpoint, split, tta, meta):
     """One row of the results CSV: the reference's 17 columns, per-class scores, extras.
-    `stats`: the bootstrap intervals, both ECEs, the temperature and the leak fraction."""
+    `stats`: the bootstrap intervals, both ECEs, the temperature, the leak fraction and the
+    class ids the macro scores average (result["macro_f1"] is over the same)."""
     labels = result["labels"]
     preds = result["preds"]
     ids = range(len(classes))
     precision, recall, _, _ = precision_recall_fscore_support(
-        labels, preds, labels=ids, average="macro", zero_division=0)
+        labels, preds, labels=stats["averaged"], average="macro", zero_division=0)
     _, _, weighted_f1, _ = precision_recall_fscore_support(
         labels, preds, labels=ids, average="weighted", zero_division=0)
     per_class = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
@@ -80,7 +81,7 @@ def results_row(result, stats, classes, info, checkpoint, split, tta, meta):
                 "Trunk": trunk_origin(cfg), "Finetuned": cfg["finetune"],
                 "Train_Seconds": metrics.get("train_seconds", ""),
                 "Leak_Fraction": "" if stats["leak_fraction"] is None else stats["leak_fraction"],
-                "Members": 1})
+                "Members": 1, "Classes_Averaged": len(stats["averaged"])})
     columns = REFERENCE_COLUMNS + [f"{name}_{kind}" for name in classes
                                    for kind in ("F1", "Precision", "Recall")] + EXTRA_COLUMNS
     # plain numbers: 0.8319, not "83.19%"
@@ -118,7 +119,10 @@ def append_row(path, row):
 
 def appended(path, row):
     """The text of the results CSV at `path` with `row` added."""
-    old = path.read_text() if path.exists() else ""
+    try:
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: pass --results NEW.csv") from None
     columns = list(row)
     old_columns = next(csv.reader(io.StringIO(old)), [])
     if not set(old_columns) <= set(columns):
@@ -136,24 +140,34 @@ def appended(path, row):
     return out.getvalue()
 
 
-def number(row, column, spec):
-    """A results cell formatted, or '-' where an older row has none."""
-    return format(float(row[column]), spec) if row.get(column) else "-"
+def cell(row, column, spec=None):
+    """A results cell, formatted by `spec` where it is a number; as it is where it is text or
+    not a number (the reference writes "83.19%"); '-' where the row has none (a row of an
+    older version, a short row)."""
+    text = (row.get(column) or "").strip()
+    if spec is not None:
+        try:
+            return format(float(text), spec)
+        except ValueError:
+            pass
+    return text or "-"
 
 
 def print_results(path):
-    """The results file so far, one line a row: the comparison across runs."""
-    with open(path, newline="") as f:
+    """The results file so far, one line per row: the comparison across runs. It reads the
+    rows of older versions and of the reference as well, which share its columns and its name."""
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     print(f"{path}:\n  {'experiment':24s} {'split':5s} {'modality':8s} {'tta':6s} "
           f"{'accuracy [95 % CI]':>24s} {'macro-F1':>8s} {'ECE':>6s} {'uncal.':>6s} {'T':>5s} "
           f"{'train s':>8s}")
     for row in rows:
-        accuracy = (f"{float(row['Test_Accuracy']):.4f} [{float(row['Accuracy_CI_Low']):.4f}, "
-                    f"{float(row['Accuracy_CI_High']):.4f}]")
+        accuracy = cell(row, "Test_Accuracy", ".4f")
+        if row.get("Accuracy_CI_Low"):
+            accuracy += f" [{cell(row, 'Accuracy_CI_Low', '.4f')}, {cell(row, 'Accuracy_CI_High', '.4f')}]"
         # before --tta crops the column was a bool
-        tta = {"True": "mirror", "False": "no"}.get(row["TTA"], row["TTA"])
-        print(f"  {row['Experiment_ID']:24s} {row['Split']:5s} {row['Modality']:8s} {tta:6s} "
-              f"{accuracy:>24s} {float(row['Macro_F1']):8.4f} {number(row, 'ECE', '6.4f'):>6s} "
-              f"{number(row, 'ECE_Uncalibrated', '6.4f'):>6s} {number(row, 'Temperature', '5.2f'):>5s} "
-              f"{number(row, 'Train_Seconds', '.0f'):>8s}")
+        tta = {"True": "mirror", "False": "no"}.get(row.get("TTA"), cell(row, "TTA"))
+        print(f"  {cell(row, 'Experiment_ID'):24s} {cell(row, 'Split'):5s} {cell(row, 'Modality'):8s} {tta:6s} "
+              f"{accuracy:>24s} {cell(row, 'Macro_F1', '8.4f'):>8s} {cell(row, 'ECE', '6.4f'):>6s} "
+              f"{cell(row, 'ECE_Uncalibrated', '6.4f'):>6s} {cell(row, 'Temperature', '5.2f'):>5s} "
+              f"{cell(row, 'Train_Seconds', '.0f'):>8s}")

@@ -21,7 +21,7 @@ from conftest import SYNTHETIC, resave
 from data import Batches, cached_features, load_split
 from checkpoints import load_checkpoint
 from models import build_model
-from results import append_row
+from results import REFERENCE_COLUMNS, append_row, print_results
 
 
 def rows(path):
@@ -87,6 +87,43 @@ def test_macro_f1_averages_every_class_as_scikit_learn_does():
     assert metrics.scores(labels, preds, 7) == {"accuracy": pytest.approx(accuracy_score(labels, preds)),
                                                   "macro_f1": pytest.approx(expected)}
     assert metrics.scores(labels, preds, 7)["macro_f1"] < f1_score(labels, preds, average="macro")
+
+
+def test_macro_f1_over_the_classes_present_is_scikit_learns_labels():
+    # a user's set labelled with three classes; the model also answers the other four
+    generator = np.random.default_rng(2)
+    labels = generator.choice([0, 3, 5], 300)
+    preds = np.where(generator.random(300) < 0.6, labels, generator.integers(0, 7, 300))
+    present = np.unique(labels)
+    expected = f1_score(labels, preds, labels=present, average="macro", zero_division=0)
+    assert metrics.scores(labels, preds, 7, present)["macro_f1"] == pytest.approx(expected)
+    # perfect answers: 1, not 3/7
+    assert metrics.scores(labels, labels, 7, present)["macro_f1"] == pytest.approx(1.0)
+    assert metrics.scores(labels, labels, 7)["macro_f1"] == pytest.approx(3 / 7)
+    # each bootstrap draw: the same classes, whatever the draw holds
+    generator = np.random.default_rng(0)
+    draws = [f1_score(labels[rows], preds[rows], labels=present, average="macro", zero_division=0)
+             for rows in (generator.integers(0, 300, 300) for _ in range(50))]
+    low, high = metrics.bootstrap(labels, preds, 7, present, resamples=50)["macro_f1"]
+    assert (low, high) == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])))
+
+
+def test_a_prepared_split_averages_all_its_classes_even_one_it_lacks(runs, processed, tmp_path, monkeypatch):
+    # the prepared data keeps all seven classes: a class the split lacks counts as 0, as in training
+    def without_angry(data, split):
+        pairs = load_split(data, split)
+        return {key: value[pairs["labels"] != 0] for key, value in pairs.items()}
+    monkeypatch.setattr(evaluate, "load_split", without_angry)
+    results = tmp_path / "results.csv"
+    assert run_eval(runs / "model_a" / "best.pt", processed, results, "--amp", "off", "--no-cache") == 0
+    row = rows(results)[0]
+    model, _, _ = load_checkpoint(runs / "model_a" / "best.pt")
+    out = metrics.evaluate(model, Batches(without_angry(processed, "test"), 256, "cpu"))
+    assert 0 not in out["labels"] and row["Classes_Averaged"] == "7"
+    macro = precision_recall_fscore_support(out["labels"], out["preds"], labels=range(7), average="macro",
+                                            zero_division=0)
+    for column, value in zip(["Macro_Precision", "Macro_Recall", "Macro_F1"], macro):
+        assert float(row[column]) == pytest.approx(value, abs=1e-6)
 
 
 def test_bootstrap_is_seeded_and_brackets_the_score():
@@ -386,3 +423,33 @@ def test_a_leaky_test_split_is_flagged_with_its_fraction(runs, processed, tmp_pa
     assert warnings == ["warning: 5.0% of the test faces have a near-copy in an earlier split (meta.json "
                         "'leaks'): this score is inflated; prepare_data.py --dedupe drops them"]
     assert [float(row["Leak_Fraction"]) for row in rows(results)] == [0.0, 0.05]
+
+
+def test_results_of_an_older_version_or_of_the_reference_are_read(runs, processed, tmp_path, capsys):
+    # The reference writes test_results.csv too, with its 17 columns and percentages; an older
+    # version of this project wrote rows without the later columns. The new row joins them, and
+    # the table shows what is not a number as it is, and '-' where a row has nothing.
+    reference = tmp_path / "test_results.csv"
+    reference.write_text(",".join(REFERENCE_COLUMNS) + "\n"
+                         + "Model_B_Cross,83.19%,0.8350,0.8319,0.8320,95.1%,84.0%,84.5%,True,0.3,1e-4,"
+                         "20,32,2,8,AdamW,True\n")
+    assert run_eval(runs / "model_a" / "best.pt", processed, reference) == 0
+    table = capsys.readouterr().out.split(f"{reference}:\n")[1].splitlines()
+    old, new = rows(reference)
+    assert old["Test_Accuracy"] == "83.19%" and old["Accuracy_CI_Low"] == "" and new["Experiment_ID"] == "model_a/best"
+    assert table[1].split()[:3] == ["Model_B_Cross", "-", "-"] and "83.19%" in table[1] and "0.8320" in table[1]
+    assert table[2].startswith(f"  {'model_a/best':24s} test ") and f"{float(new['Test_Accuracy']):.4f} [" in table[2]
+    # a row cut short, as a hand edit or another program leaves it
+    older = tmp_path / "older.csv"
+    older.write_text("Experiment_ID,Test_Accuracy,Macro_F1,Split\nold/best,0.5\nbad/best,n/a,,val\n")
+    print_results(older)
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["old/best", "-", "-", "-", "0.5000", "-", "-", "-", "-", "-"]
+    assert table[3].split() == ["bad/best", "val", "-", "-", "n/a", "-", "-", "-", "-", "-"]
+    # a file that is not text at all: refused in one line, before anything is written
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("Experiment_ID,Test_Accuracy\ncafé/best,0.5\n".encode("latin-1"))
+    assert run_eval(runs / "model_a" / "best.pt", processed, latin) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not UTF-8" in err
+    assert latin.read_bytes() == "Experiment_ID,Test_Accuracy\ncafé/best,0.5\n".encode("latin-1")
