@@ -62,23 +62,35 @@ def save_checkpoint(path, model: EmotionModel, *, tokenizer_json: str, classes: 
                      "tokenizers": tokenizers.__version__},
     }
     _check_storable(checkpoint, "checkpoint")
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+    # an unwritable folder, a full disk: torch.save says the latter with a RuntimeError
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"cannot write {path}: {one_line(err)}") from None
+
+
+def checkpoint_bytes(path) -> bytes:
+    """The checkpoint file at `path`, read whole: what load_checkpoint reads, and what global rank 0
+    sends the other ranks of a torchrun job (from_master), whose nodes may not hold the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        torch.save(checkpoint, tmp)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path.read_bytes()
 
 
 def load_checkpoint(path, device="cpu", data=None):
     """-> (model in eval mode, tokenizers.Tokenizer, info), the model rebuilt from the stored config alone.
 
     info: classes, config, image_size, metrics, args, train_state, versions, tokenizer (its JSON).
-    `data`: the file's bytes, read elsewhere (by rank 0 of a torchrun job); `path` then names it.
+    `data`: the file's bytes (checkpoint_bytes), read elsewhere (by rank 0 of a torchrun job);
+    `path` then names it.
     """
     path = Path(path)
-    if data is None and not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    if data is None:
+        data = checkpoint_bytes(path)
     try:
-        checkpoint = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # zip, pickle or weights_only errors: all mean "not one of ours"
     except Exception as err:
         # torch's own text invites an unsafe load: do not echo it
@@ -134,10 +146,11 @@ def check_compatible(info: dict, data_tokenizer, meta: dict) -> None:
                               f"--max-len {info['config']['max_len']}, or retrain")
 
 
-def load_trunk(model: EmotionModel, path, meta: dict) -> None:
+def load_trunk(model: EmotionModel, path, meta: dict, data=None) -> None:
     """Start `model`'s trunk from the trunk of the checkpoint at `path`: typically an image-only
-    run that fine-tuned it on these faces, so that fused runs can train on its cached features."""
-    source, _, info = load_checkpoint(path)
+    run that fine-tuned it on these faces, so that fused runs can train on its cached features.
+    `data`: the file's bytes, as load_checkpoint takes them."""
+    source, _, info = load_checkpoint(path, data=data)
     if source.image_encoder is None:
         raise CheckpointError(f"--trunk-from {path}: a text-only checkpoint has no trunk")
     trained_at = info["config"]["input_size"]
@@ -150,12 +163,12 @@ def load_trunk(model: EmotionModel, path, meta: dict) -> None:
     model.image_encoder.trunk.load_state_dict(source.image_encoder.trunk.state_dict())
 
 
-def load_text_encoder(model: EmotionModel, path, data_tokenizer, meta: dict) -> None:
+def load_text_encoder(model: EmotionModel, path, data_tokenizer, meta: dict, data=None) -> None:
     """Start `model`'s text branch from the one of the checkpoint at `path`: typically a text-only
     run of the same model on these sentences. Trained from scratch beside the face, a fused
     model's text branch learns less than it does alone (Wang et al., CVPR 2020); started
-    from that run it begins where the text-only model ended."""
-    source, _, info = load_checkpoint(path)
+    from that run it begins where the text-only model ended. `data`: as load_trunk's."""
+    source, _, info = load_checkpoint(path, data=data)
     if not source.uses_text:
         raise CheckpointError(f"--text-from {path}: an image-only checkpoint has no text branch")
     if source.cfg.arch != model.cfg.arch:

@@ -287,6 +287,19 @@ def _check_ranks(failure, what):
         raise DataError(f"{what} failed on {'; '.join(failed)}. No cache was written: fix it and run again")
 
 
+def _node_writes(write):
+    """`write()` on the first process of each node (LOCAL_RANK 0), which keeps the node's copy of
+    the cache -> None, or its failure in one line (a --cache-dir under a file, a full disk: torch.save
+    says the latter with a RuntimeError), for _check_ranks, on one process as on many."""
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return None
+    try:
+        write()
+    except Exception as err:
+        return one_line(err)
+    return None
+
+
 def _compute(model, images, views, device, amp, batch_size, show_progress):
     """Every view's features, float16 {name: [V*N, ...]} (row v*N + i: image i, mirrored when v = 1).
 
@@ -374,7 +387,7 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     digest.update(f"{model.feature_fingerprint()}|flips={flips}|{device.type}|{dtype}".encode())
     path = Path(cache_dir) / f"features-{digest.hexdigest()[:24]}.pt"
     shape = (2 if flips else 1, len(images))
-    rank, world_size = _process_group()
+    rank, _ = _process_group()
     features = _load_features(path, shape, warn=rank == 0) if path.exists() else None
     # Every rank reads its copy, or they all build it again, together.
     found = gather((path.name, features is not None))
@@ -383,18 +396,15 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
                         "every rank must hold the same trunk and images")
     if all(loaded for _, loaded in found):
         return features, path
+    # the folder first: an unwritable --cache-dir fails now, not after the features are computed
+    _check_ranks(_node_writes(lambda: path.parent.mkdir(parents=True, exist_ok=True)), "making the cache folder")
     features = _compute(model, images, shape[0], device, amp, batch_size, show_progress)
     features = {name: value.unflatten(0, shape) for name, value in features.items()}
-    failure = None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a killed or concurrent run never leaves a half-written cache
-            with atomic_write(path) as tmp:
-                torch.save(features, tmp)
-        except Exception as err:
-            if world_size == 1:
-                raise
-            failure = one_line(err)
-    _check_ranks(failure, "writing the feature cache")
+
+    def write():
+        # a killed or concurrent run never leaves a half-written cache
+        with atomic_write(path) as tmp:
+            torch.save(features, tmp)
+
+    _check_ranks(_node_writes(write), "writing the feature cache")
     return features, path

@@ -1,8 +1,9 @@
 """torchrun, the nanoGPT way: this process's rank, and putting every rank's results together.
 
-    from distributed import RANK, WORLD_SIZE, MASTER, gather, broadcast
+    from distributed import RANK, WORLD_SIZE, MASTER, gather, broadcast, from_master
     values = gather(value)        # [rank 0's value, rank 1's, ...] on every rank
     value = broadcast(value)      # rank 0's value on every rank
+    data = from_master(path.read_bytes)  # read on rank 0, its bytes (or its error) on every rank
 
 torchrun sets RANK and WORLD_SIZE; one process alone is rank 0 of 1, and every function
 here is then a no-op. train.py starts the process group and wraps the model in
@@ -38,14 +39,15 @@ def broadcast(value, src=0):
     return values[0]
 
 
-def from_master(read):
-    """`read()` on global rank 0 alone, and its value (or the error it raised) on every rank: the
-    run's own files are on rank 0's node, and nodes need no shared disk."""
+def from_master(work):
+    """`work()` on global rank 0 alone, and its value (or the error it raised) on every rank: the
+    run's own files are on rank 0's node, and nodes need no shared disk. Reading them there, or
+    writing them, a failure ends every rank, not rank 0 alone while the others wait."""
     value = None
     error = None
     if MASTER:
         try:
-            value = read()
+            value = work()
         except Exception as err:
             error = err
     value, error = broadcast((value, error))

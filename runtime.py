@@ -36,7 +36,8 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 @contextmanager
 def atomic_write(path):
     """Yield a temporary name beside `path`; it replaces `path` only when the block ends
-    without an error, so no reader (or later run) ever sees a half-written file."""
+    without an error, so no reader (or later run) ever sees a half-written file, even after a
+    power cut: the file reaches the disk before the rename, and the rename after it."""
     path = Path(path)
     # A folder unique to the process: two runs writing one file (a shared data/cache) never
     # write into each other's temporary file; the last os.replace wins, whole. The file
@@ -45,7 +46,18 @@ def atomic_write(path):
     folder.mkdir(parents=True)
     try:
         yield folder / path.name
+        # Without this a rename can reach the disk before the data: after a power cut some
+        # file systems (XFS among them) show a zero-length file.
+        with open(folder / path.name, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(folder / path.name, path)
+        # the folder holds the rename; Windows cannot open a folder to sync it
+        if os.name == "posix":
+            handle = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -12,8 +12,6 @@ mirrored) into data/cache, and the epochs train on those features. Writes
 checkpoints/<run>/{last.pt, best.pt, log.csv, args.json, curves.png}.
 """
 import argparse
-import csv
-import io
 import json
 import sys
 import time
@@ -22,16 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import CheckpointError, check_compatible, load_checkpoint, load_text_encoder, load_trunk
+from checkpoints import (CheckpointError, check_compatible, checkpoint_bytes, load_checkpoint, load_text_encoder,
+                         load_trunk)
 from data import Batches, cached_features, load_meta, load_split, load_text_pool, load_tokenizer
 from distributed import MASTER, RANK, WORLD_SIZE, all_ranks, average_batchnorm_buffers, from_master, sync_batchnorm
 from metrics import evaluate, plot_curves, scores
 from models import ModelConfig, PretrainedWeightsError, build_model, describe
-from runtime import DataError, atomic_write, autocast, pick_device, positive_int, script_parser, unit_fraction
-from training import Run, add_extras, calibrate, lr_factor, make_optimizer, restore, save, train_epoch
+from runtime import (DataError, atomic_write, autocast, one_line, pick_device, positive_int, script_parser,
+                     unit_fraction)
+from training import (Run, add_extras, calibrate, lr_factor, make_optimizer, read_log, restore, save, train_epoch,
+                      write_log)
 
-LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
-               "val_macro_f1", "lr", "samples_per_s", "seconds"]
 AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # A resume takes the rest from args.json; --data must hold compatible data (check_compatible).
 RESUME_MAY_CHANGE = ("epochs", "patience", "device", "amp", "compile", "cache_dir", "data", "resume",
@@ -161,7 +160,7 @@ def build(args, meta, tokenizer, device, run_dir):
     """The model, and the train state when resuming from last.pt."""
     if args.resume:
         last = run_dir / "last.pt"
-        model, _, info = load_checkpoint(last, device, data=from_master(last.read_bytes))
+        model, _, info = load_checkpoint(last, device, data=from_master(lambda: checkpoint_bytes(last)))
         # the data may have been prepared again since
         check_compatible(info, tokenizer, meta)
         return model, info["train_state"]
@@ -174,10 +173,13 @@ def build(args, meta, tokenizer, device, run_dir):
                       cross_attention=not args.no_cross_attention, modality=args.modality,
                       augment=args.finetune_backbone)
     model = build_model(cfg)
+    # Read on global rank 0 and sent to every rank, as last.pt is: nodes need no shared disk, and
+    # a file rank 0 cannot read ends every rank.
     if args.trunk_from:
-        load_trunk(model, args.trunk_from, meta)
+        load_trunk(model, args.trunk_from, meta, data=from_master(lambda: checkpoint_bytes(args.trunk_from)))
     if args.text_from:
-        load_text_encoder(model, args.text_from, tokenizer, meta)
+        load_text_encoder(model, args.text_from, tokenizer, meta,
+                          data=from_master(lambda: checkpoint_bytes(args.text_from)))
     return model.to(device), None
 
 
@@ -235,6 +237,8 @@ def start(args, given, run_dir):
     # model init: the same on every rank
     torch.manual_seed(args.seed)
     meta = load_meta(args.data)
+    # which prepared data the run trains on (args.json): default_checkpoint compares runs of one data set
+    args.data_key = meta.get("key")
     tokenizer = load_tokenizer(args.data)
     model, state = build(args, meta, tokenizer, device, run_dir)
     # conv kernels NHWC, as the trunk's input is (models.ImageEncoder)
@@ -273,20 +277,19 @@ def start(args, given, run_dir):
         restore(state, run, device)
         # a resume drops the log rows of an epoch logged but never checkpointed (rank 0 keeps the log)
         if MASTER:
-            with open(run_dir / "log.csv", newline="") as f:
-                run.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= run.counters.epoch]
-    if MASTER:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = io.StringIO()
-        writer = csv.DictWriter(log, LOG_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(run.rows)
-        for name, text in (("args.json", json.dumps(vars(args), indent=2)), ("log.csv", log.getvalue())):
-            with atomic_write(run_dir / name) as tmp:
-                tmp.write_text(text)
+            run.rows = [row for row in read_log(run_dir / "log.csv") if int(row["epoch"]) <= run.counters.epoch]
+    # written on global rank 0, and a failure to write them (an unwritable --out) ends every rank
+    from_master(lambda: write_run_files(run_dir, args, run.rows))
     about = dict(tokenizer_json=tokenizer.to_str(), classes=meta["classes"], image_size=meta["image_size"],
                  args=vars(args))
     return args, run, about
+
+
+def write_run_files(run_dir, args, rows):
+    """The run's args.json and its log.csv so far, as it starts."""
+    with atomic_write(run_dir / "args.json") as tmp:
+        tmp.write_text(json.dumps(vars(args), indent=2))
+    write_log(run_dir, rows)
 
 
 def epoch_row(epoch, train_part, val_part, lr, seconds, num_classes):
@@ -302,11 +305,9 @@ def epoch_row(epoch, train_part, val_part, lr, seconds, num_classes):
             "samples_per_s": len(labels) / seconds, "seconds": seconds}
 
 
-def log_epoch(run_dir, rows, row, improved, epochs):
-    """Append the epoch to log.csv (and to `rows`, as written there) and print its line."""
+def log_epoch(rows, row, improved, epochs):
+    """Add the epoch to `rows` (log.csv's, as save() writes them) and print its line."""
     rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-    with open(run_dir / "log.csv", "a", newline="") as f:
-        csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n").writerow(rows[-1])
     mark = " *" if improved else "  "
     print(f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
           f"acc {row['train_accuracy']:.4f} f1 {row['train_macro_f1']:.4f} | val loss "
@@ -360,8 +361,8 @@ def train(args, given):
             counters.best_f1 = max(counters.best_f1, row["val_macro_f1"])
             counters.stale = 0 if improved else counters.stale + 1
             if MASTER:
-                log_epoch(run_dir, run.rows, row, improved, args.epochs)
-            # save: last.pt every epoch, best.pt when val macro-F1 improved
+                log_epoch(run.rows, row, improved, args.epochs)
+            # save: log.csv and last.pt every epoch, best.pt when val macro-F1 improved
             save(run_dir, run, improved, about, device)
             # stop: early, after --patience epochs without a better val macro-F1
             if args.patience and counters.stale >= args.patience:
@@ -387,6 +388,10 @@ def main(argv=None):
         return train(args, given)
     except (DataError, CheckpointError, PretrainedWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    # a path that cannot be written (--out under a file, a full disk); a rank-0 write ends every rank
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

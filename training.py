@@ -11,8 +11,11 @@ train.py builds a run from its flags and loops over epochs (evaluating, logging,
 bench.py times train_epoch exactly as training runs it.
 """
 import copy
+import csv
+import io
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +23,12 @@ from torch import nn
 
 from checkpoints import load_checkpoint, save_checkpoint
 from data import Batches
-from distributed import MASTER, RANK, WORLD_SIZE, gather
+from distributed import RANK, WORLD_SIZE, from_master, gather
 from metrics import ablations, calibration_error, evaluate, fit_temperature, temper
-from runtime import DataError, progress
+from runtime import DataError, atomic_write, progress
+
+LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
+               "val_macro_f1", "lr", "samples_per_s", "seconds"]
 
 
 @dataclass
@@ -253,27 +259,50 @@ def train_epoch(run, *, clip=1.0, label_smoothing=0.0, modality_dropout=0.0, lr_
     return torch.cat(preds), torch.cat(labels), loss_sum
 
 
+def write_log(run_dir, rows):
+    """log.csv: the header and `rows`, replacing the file whole, so that a crash never leaves a
+    row cut short in it."""
+    log = io.StringIO()
+    writer = csv.DictWriter(log, LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(Path(run_dir) / "log.csv") as tmp:
+        tmp.write_text(log.getvalue())
+
+
+def read_log(path):
+    """log.csv's rows, as written there. A last row without its newline was cut short by a crash
+    (train.py appended rows in place before write_log): it is dropped, not read."""
+    text = Path(path).read_text()
+    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
+
+
 def save(run_dir, run, improved, about, device):
-    """last.pt (and best.pt when val improved), written by rank 0 with every rank's RNG.
+    """log.csv and last.pt (and best.pt when val improved), written by global rank 0 with every
+    rank's RNG; a failure to write them (an unwritable --out, a full disk) ends every rank.
     `about`: what every checkpoint stores besides the model and metrics (tokenizer, classes, ...)."""
     # each rank draws its own dropout masks
     rngs = gather({"torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
-    if not MASTER:
-        return
-    counters = run.counters
-    last = {k: float(v) for k, v in run.rows[-1].items() if k != "epoch"}
-    about = {**about, "metrics": {
-        "epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
-        "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
-        "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
-        "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}}
-    if improved:
-        save_checkpoint(run_dir / "best.pt", run.kept, **about)
-    training_weights = None if run.ema is None else run.model.state_dict()
-    save_checkpoint(run_dir / "last.pt", run.kept, **about, train_state={
-        **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "rng_batches": run.train_batches.generator.get_state(), "rng": rngs, "training_weights": training_weights})
+
+    def write():
+        # the log first: a resume drops the rows of epochs that last.pt does not hold
+        write_log(run_dir, run.rows)
+        counters = run.counters
+        last = {k: float(v) for k, v in run.rows[-1].items() if k != "epoch"}
+        metrics = {"epoch": counters.epoch, "train_accuracy": last["train_accuracy"],
+                   "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
+                   "best_val_accuracy": max(float(r["val_accuracy"]) for r in run.rows),
+                   "best_val_macro_f1": counters.best_f1, "train_seconds": counters.train_seconds}
+        if improved:
+            save_checkpoint(run_dir / "best.pt", run.kept, **about, metrics=metrics)
+        training_weights = None if run.ema is None else run.model.state_dict()
+        save_checkpoint(run_dir / "last.pt", run.kept, **about, metrics=metrics, train_state={
+            **asdict(counters), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng_batches": run.train_batches.generator.get_state(), "rng": rngs,
+            "training_weights": training_weights})
+
+    from_master(write)
 
 
 def restore(state, run, device):

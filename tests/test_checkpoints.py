@@ -132,3 +132,29 @@ def test_checkpoints_from_before_modality_and_augment_still_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, lengths, images=images), model(ids, lengths, images=images))
         assert torch.equal(reloaded(ids, lengths), text_only(ids, lengths))
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    # A rename alone survives a crashed process, not a power cut: the file's bytes are synced
+    # under its temporary name, then the folder that records the rename.
+    synced = []
+    fsync = os.fsync
+
+    def recorded(fd):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((name, (tmp_path / "run" / "best.pt").exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    save(tmp_path / "run" / "best.pt", small_model("a"))
+    (written, renamed_yet), (folder, renamed) = synced
+    assert written.name == "best.pt" and written.parent.name.startswith(".tmp-") and not renamed_yet
+    assert folder == tmp_path / "run" and renamed
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    target = tmp_path / "a_file" / "run" / "best.pt"
+    with pytest.raises(CheckpointError, match=rf"^cannot write {target}: NotADirectoryError") as caught:
+        save(target, small_model("a"))
+    assert "\n" not in str(caught.value)

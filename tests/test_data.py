@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 from data import Batches, cached_features, load_split, load_text_pool
+from runtime import DataError
 from test_train import small_model
 
 
@@ -127,3 +129,33 @@ def test_concurrent_cache_builds_both_finish(processed, tmp_path, monkeypatch):
     assert not errors and len(results) == 2 and results[0][1] == results[1][1]
     assert torch.equal(results[0][0]["pooled"], results[1][0]["pooled"])
     assert [p.name for p in tmp_path.iterdir()] == [results[0][1].name]  # no temporary left
+
+
+def test_a_cache_folder_under_a_file_fails_in_one_line_before_any_feature(processed, tmp_path):
+    model, images = small_model("a", processed), load_split(processed, "val")["images"][:16]
+    computed = []
+    image_features = model.image_features
+    model.image_features = lambda batch: computed.append(len(batch)) or image_features(batch)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(DataError, match=r"^making the cache folder failed on rank 0: NotADirectoryError") as caught:
+        cached_features(model, images, tmp_path / "a_file" / "cache", "cpu", flips=False, show_progress=False)
+    assert "\n" not in str(caught.value) and computed == []
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_line(processed, tmp_path, monkeypatch):
+    def full(obj, f):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    images = load_split(processed, "val")["images"][:16]
+    with pytest.raises(DataError, match=r"^writing the feature cache failed on rank 0: RuntimeError: .*file write"):
+        cached_features(small_model("a", processed), images, tmp_path, "cpu", flips=False, show_progress=False)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_evaluate_with_a_cache_folder_under_a_file_is_one_line(runs, processed, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert evaluate.main(["--checkpoint", str(runs / "model_a" / "best.pt"), "--data", str(processed), "--results",
+                          str(tmp_path / "results.csv"), "--cache-dir", str(tmp_path / "a_file" / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: making the cache folder failed"), err

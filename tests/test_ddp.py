@@ -173,3 +173,63 @@ def test_ranks_that_finetune_the_trunk_hold_one_model(processed, tmp_path):
     model, _, info = load_checkpoint(run_dir / "best.pt")
     val = evaluate(model, Batches(load_split(processed, "val"), 256, "cpu"))
     assert val["macro_f1"] == pytest.approx(info["metrics"]["best_val_macro_f1"], abs=1e-6)
+
+
+def launch_nodes(argv_of, cwds, timeout=240):
+    """train.py as two torchrun nodes on 127.0.0.1, one process each, node r started in cwds[r]
+    with argv_of(r) -> [(returncode, stdout, stderr)]. A node still running after `timeout`
+    seconds (a rank left waiting in a collective) is killed, and the test fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                  str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                  str(port), str(ROOT / "train.py"), *argv_of(rank)],
+                                 cwd=cwds[rank], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in (0, 1)]
+    try:
+        return [(launch, *launch.communicate(timeout=timeout)) for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill()
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_branch_checkpoints_are_read_on_rank_0_alone(processed, one_process, tmp_path):
+    # --trunk-from and --text-from name a file on global rank 0's node (a relative path that
+    # exists in node 0's folder alone), as nodes without a shared disk have it
+    nodes = [tmp_path / f"node{rank}" for rank in (0, 1)]
+    for node in nodes:
+        node.mkdir()
+    shutil.copy(one_process / "best.pt", nodes[0] / "donor.pt")
+
+    def argv_of(rank):
+        return ["--model", "a", *EXACT, "--data", str(processed), "--out", str(tmp_path / f"out{rank}"),
+                "--cache-dir", str(tmp_path / f"cache{rank}"), "--epochs", "1", "--overwrite",
+                "--trunk-from", "donor.pt", "--text-from", "donor.pt"]
+
+    results = launch_nodes(argv_of, nodes)
+    assert [launch.returncode for launch, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert (tmp_path / "out0" / "model_a" / "best.pt").exists() and not (tmp_path / "out1").exists()
+    # rank 0 without the file: every rank ends with its one line, none waits for the others
+    results = launch_nodes(argv_of, nodes[::-1])
+    for launch, _, err in results:
+        assert launch.returncode != 0 and error_lines(err) == ["error: donor.pt: no such checkpoint file"], err[-2000:]
+
+
+@pytest.mark.slow
+def test_an_unwritable_out_ends_every_rank_in_one_line(processed, cache, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+         "--model", "a", *EXACT, "--data", str(processed), "--cache-dir", str(cache), "--epochs", "1",
+         "--out", str(tmp_path / "a_file" / "runs")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    lines = error_lines(done.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1] and "Not a directory" in lines[0], done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """train.py: the loop learns, resumes exactly, caches correctly and stops cleanly."""
 import csv
+import json
 import shutil
 from contextlib import nullcontext
 
@@ -382,3 +383,53 @@ def test_ema_saves_the_moving_average_and_resumes_exactly(processed, cache, tmp_
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(resumed_info["train_state"]["training_weights"][name], trained[name],
                                    rtol=0, atol=1e-6, msg=name)
+
+
+def test_args_json_names_the_prepared_data(runs, processed):
+    # default_checkpoint compares val macro-F1 between runs of one data set only
+    saved = json.loads((runs / "model_a" / "args.json").read_text())
+    assert saved["data_key"] == load_meta(processed)["key"]
+
+
+def test_a_resume_reads_a_log_cut_mid_row_and_writes_each_row_whole(runs, tmp_path, monkeypatch):
+    shutil.copytree(runs / "model_a", tmp_path / "model_a")
+    log = tmp_path / "model_a" / "log.csv"
+    # train.py once appended rows in place: a crash in epoch 10's row left "1" of "10"
+    with open(log, "a") as f:
+        f.write("1")
+    written = []
+    atomic_write = training.atomic_write
+
+    def recorded(path):
+        written.append(path.name)
+        return atomic_write(path)
+
+    monkeypatch.setattr(training, "atomic_write", recorded)
+    assert train.main(["--model", "a", "--out", str(tmp_path), "--resume", "--epochs", str(EPOCHS["a"] + 1)]) == 0
+    assert [int(row["epoch"]) for row in read_log(log)] == list(range(1, EPOCHS["a"] + 2))
+    # log.csv is replaced whole, as the run starts and after each epoch, never appended to
+    assert written.count("log.csv") == 2
+
+
+@pytest.mark.parametrize("where", ["--out", "--cache-dir"])
+def test_an_output_folder_under_a_file_is_one_line(where, processed, cache, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    paths = {"--out": str(tmp_path / "runs"), "--cache-dir": str(cache), where: str(blocker / "below")}
+    assert train.main(["--model", "a", "--data", str(processed), *TINY, "--epochs", "1",
+                       *[flag for pair in paths.items() for flag in pair]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "Not a directory" in err, err
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(processed, cache, tmp_path, monkeypatch, capsys):
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert train.main(["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(cache),
+                       *TINY, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "file write failed" in err
+    assert err.startswith(f"error: cannot write {tmp_path / 'model_a'}"), err
