@@ -16,14 +16,18 @@ ensemble of several): one pair, a CSV of pairs, or a folder of photos.
 and a model trained without --modality-dropout warns. Each face in the photo is found and
 cropped like the training faces (images.py); the sentence is shared by every face.
 Probabilities are calibrated with the checkpoint's temperature; several checkpoints average
-theirs. The default checkpoint is the best fused run under checkpoints/ (Model B first).
+theirs. The default checkpoint is the best run under checkpoints/ on the data set trained last
+(fused first, then val macro-F1).
 
 Batch mode (--pairs, --images) writes one CSV row a face: the file, the face box, the label,
 the seven probabilities, the inputs read, whether the sentence was cut, and an error or a
 warning. In a pairs CSV either cell may be empty, and photo paths are relative to the CSV. A
 photo that cannot be read gets its reason in the error column and the run goes on. Rows are
 appended as their batch is done: run the same command again after a stop, and it goes on
-with the pairs not yet in --out. The prediction itself is recognizer.py's (the Python API).
+with the pairs not yet in --out. Each row keeps a key of what its answer depends on (the line,
+the photo's path and bytes, the sentence, the checkpoints): a run keeps only the rows that
+answer its own pairs as they are now, and predicts the rest. The prediction itself is
+recognizer.py's (the Python API).
 """
 import json
 import os
@@ -38,7 +42,7 @@ import torch
 from checkpoints import CheckpointError, check_compatible
 from data import load_meta, load_split, load_tokenizer
 from explain import pyplot, save_explanation
-from images import load_photo
+from images import as_photo
 from pairs import PredictionsFile, folder_pairs, read_pairs
 from recognizer import BLANKS, EmotionRecognizer, default_checkpoint
 from runtime import DataError, atomic_write, pick_device, positive_int, progress, script_parser
@@ -112,8 +116,10 @@ def build_parser():
     p.add_argument("--text", help=f"the sentence that goes with the face; {one}; with --images, "
                    "the sentence of every photo")
     p.add_argument("--checkpoint", nargs="+", metavar="PATH", help="a best.pt, or several for an "
-                   "ensemble (their calibrated probabilities averaged); default: the best fused run "
-                   "under checkpoints/ (Model B first, then val macro-F1), named on stderr")
+                   "ensemble (their calibrated probabilities averaged); default: a run under checkpoints/, "
+                   "named on stderr, from the runs on the data set trained last (runs on other data, such "
+                   "as the synthetic quick start, are not compared): a fused run first, then the best val "
+                   "macro-F1, then Model B")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the bar list")
     p.add_argument("--explain", metavar="PNG", help="also draw what the prediction rests on: face boxes, "
                    "a heatmap over the crop, each token's effect, the probabilities")
@@ -126,8 +132,8 @@ def build_parser():
     p.add_argument("--images", metavar="DIR", help="predict every photo in a folder (not its subfolders), "
                    "with --text or none, into --out")
     p.add_argument("--out", help="the file written: with --examples a PNG (default: examples.png); with "
-                   "--pairs or --images the predictions CSV, appended to, and the pairs already in it "
-                   "skipped when run again (default: predictions.csv)")
+                   "--pairs or --images the predictions CSV: run again, it keeps the answers to these inputs "
+                   "as they are now, drops the others and predicts the rest (default: predictions.csv)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="--pairs and --images: faces per forward pass")
     p.add_argument("--data", default="data/processed", help="the prepared data --examples draws from")
@@ -214,8 +220,11 @@ def predict_batch(args, recognizer, pairs):
     failed = Counter()
     warned = Counter()
     rows = 0
-    with PredictionsFile(args.out, recognizer.classes) as predictions:
-        todo = [pair for pair in pairs if pair.key not in predictions.done]
+    with PredictionsFile(args.out, recognizer.classes, pairs, recognizer.fingerprint()) as predictions:
+        todo = predictions.todo
+        if predictions.dropped:
+            print(f"note: {args.out} held {predictions.dropped} answer(s) to inputs that are not these (a photo, "
+                  "sentence, line or checkpoint changed since, or other inputs): dropped", file=sys.stderr)
         batch_notes(recognizer, todo)
         inputs = ((pair.path, pair.text) for pair in progress(todo, "predicting", unit="pairs"))
         outcomes = recognizer.iter_predictions(inputs, args.batch_size, errors="return")
@@ -258,7 +267,7 @@ def run(args):
         pairs = read_pairs(args.pairs)
     elif args.images is not None:
         pairs = folder_pairs(args.images, args.text)
-    photo = load_photo(args.image) if args.image is not None else None
+    photo = as_photo(args.image) if args.image is not None else None
     device = pick_device(args.device)
     checkpoints = args.checkpoint
     if checkpoints is None:

@@ -40,6 +40,9 @@ DETECT_SIDE = 640
 FILLS_FRAME = 0.9
 # shipped in opencv-python-headless 4.x (cv2.data)
 CASCADE = "haarcascade_frontalface_default.xml"
+# The cascade's window: it finds no face smaller. A photo whose short side is shorter holds no
+# face the model could read (FER2013's crops, the smallest training faces, are 48 px).
+MIN_FACE_SIDE = 24
 
 
 def load_photo(path):
@@ -80,24 +83,32 @@ def photo_array(image):
 
 def as_photo(image):
     """A path, an open PIL image or a numpy uint8 array (H, W) gray or (H, W, 3) RGB -> the
-    uint8 photo load_photo gives: what the recognizer accepts as a face photo."""
+    uint8 photo load_photo gives: what the recognizer accepts as a face photo, if it is large
+    enough to hold one."""
     from PIL import Image
-    if isinstance(image, (str, os.PathLike)):
-        return load_photo(image)
-    if isinstance(image, Image.Image):
+    is_path = isinstance(image, (str, os.PathLike))
+    if is_path:
+        photo = load_photo(image)
+    elif isinstance(image, Image.Image):
         try:
-            return photo_array(image)
+            photo = photo_array(image)
         # a lazily decoded file that turns out truncated or corrupt
         except (OSError, SyntaxError, ValueError) as err:
             raise DataError(f"the PIL image cannot be decoded ({err})") from None
-    if isinstance(image, np.ndarray):
+    elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise DataError(f"an image array must be uint8 (H, W) gray or (H, W, 3) RGB, got {image.dtype} "
                             f"{image.shape}: convert it, e.g. with np.asarray(pil_image.convert('RGB'))")
         if min(image.shape[:2]) == 0:
             raise DataError(f"an empty image array {image.shape}")
-        return image
-    raise DataError(f"an image is a path, a PIL image or a numpy uint8 array, not a {type(image).__name__}")
+        photo = image
+    else:
+        raise DataError(f"an image is a path, a PIL image or a numpy uint8 array, not a {type(image).__name__}")
+    height, width = photo.shape[:2]
+    if min(height, width) < MIN_FACE_SIDE:
+        raise DataError(f"{image if is_path else 'the image'} is too small to hold a face ({width}x{height} "
+                        f"pixels; a face needs {MIN_FACE_SIDE} or more each way)")
+    return photo
 
 
 def to_gray(photo):
@@ -137,11 +148,15 @@ def detect_faces(gray):
     k = -(-max(gray.shape) // DETECT_SIDE)
     height = gray.shape[0] // k
     width = gray.shape[1] // k
+    # a thin photo's short side shrinks below the window, even to 0 pixels (which OpenCV refuses)
+    if min(height, width) < MIN_FACE_SIDE:
+        return []
     small = cv2.resize(gray[:height * k, :width * k], (width, height), interpolation=cv2.INTER_AREA)
-    # minSize 24: the cascade's own window. minNeighbors 8, not the usual 5: with 5, two copies of
+    # minSize: the cascade's own window. minNeighbors 8, not the usual 5: with 5, two copies of
     # the test photo side by side also gave two boxes on the space suit; 8 still finds 117 of the 120
     # synthetic faces that 5 finds (the synthetic FACE_MARGIN measurement).
-    found = face_cascade().detectMultiScale(small, scaleFactor=1.1, minNeighbors=8, minSize=(24, 24))
+    found = face_cascade().detectMultiScale(small, scaleFactor=1.1, minNeighbors=8,
+                                            minSize=(MIN_FACE_SIDE, MIN_FACE_SIDE))
     boxes = [tuple(int(v) * k for v in box) for box in found]
     return sorted(boxes, key=lambda box: -box[2] * box[3])
 

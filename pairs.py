@@ -4,18 +4,29 @@ demo.py --pairs / --images appends to and resumes from.
     pairs = read_pairs("pairs.csv")                    # columns image,text: [Pair], photo paths
     pairs = read_pairs("mine.csv", columns=LABELLED)   # image,text,label: evaluate.py --pairs
     pairs = folder_pairs("photos/", text=None)         # every photo in a folder, by name
-    with PredictionsFile("predictions.csv", classes) as out:
-        todo = [pair for pair in pairs if pair.key not in out.done]
-        out.append(pair, prediction)                   # one row a face, flushed at once
+    with PredictionsFile("predictions.csv", classes, pairs, recognizer.fingerprint()) as out:
+        for pair in out.todo:                          # the pairs without an answer in it yet
+            out.append(pair, prediction)               # one row per face, flushed at once
 
 A cell may be empty (no image, or no text); a photo's path is relative to the CSV. A file
 that cannot be read as such a CSV (a missing column, bytes that are not UTF-8) is one
-DataError naming the line. The predictions CSV is only ever appended to, a pair's rows in
-one write; when a stopped run left a pair half-written, the next run drops that pair's rows
-and predicts it again. What is in a pair is the recognizer's to read (recognizer.py).
+DataError naming the line.
+
+The predictions CSV holds the answers to one set of pairs. Each row carries a key, a digest of
+what its answer depends on: the pair's line, its photo's path and bytes, its sentence, and the
+checkpoints. A run keeps the rows whose key is one of its pairs', drops the others (an answer to
+a photo, sentence or checkpoint since changed, or to other inputs) and appends the rest, a pair's
+rows in one write. A stopped run can leave the file cut anywhere, even inside a quoted sentence
+or a character: the next run cuts it back to its last whole row, drops the pair that row belongs to
+if its rows are not all there, and predicts that pair again. What is in a pair is the
+recognizer's to read (recognizer.py).
 """
+import codecs
 import csv
+import hashlib
 import io
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +36,8 @@ PAIRED = ("image", "text")
 LABELLED = ("image", "text", "label")
 
 
-@dataclass
+# eq=False: two rows alike are still two pairs, and a pair can key a dict
+@dataclass(eq=False)
 class Pair:
     """One row of a pairs CSV, or one photo of a folder."""
     line: int | None    # the CSV line it starts on; None for a folder's photo
@@ -34,20 +46,16 @@ class Pair:
     text: str | None    # None = no sentence
     label: str | None = None
 
-    @property
-    def key(self):
-        """What names the pair in the predictions CSV: its line and its image."""
-        return ("" if self.line is None else str(self.line), self.image)
 
-
-def decoded(path):
-    """The text of a UTF-8 file (a byte-order mark allowed), or a DataError naming the line."""
+def decoded(path, cut=False):
+    """The text of a UTF-8 file (a byte-order mark allowed), or a DataError naming the line.
+    cut: the file may end inside a character (a run stopped while writing it), which is dropped."""
     try:
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        return data.decode("utf-8-sig")
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=not cut)
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x}): "
@@ -97,19 +105,66 @@ def folder_pairs(folder, text=None):
     return [Pair(None, photo.name, photo, text) for photo in photos]
 
 
+def answer_key(pair, fingerprint):
+    """What the answer to a pair depends on, as 16 hex digits: its line (the row names it), its
+    photo's path as written and a digest of the photo's bytes, its sentence, and the model's
+    `fingerprint` (EmotionRecognizer.fingerprint: the checkpoints, face detection on or off)."""
+    photo = ""
+    if pair.path is not None:
+        try:
+            with open(pair.path, "rb") as f:
+                photo = hashlib.file_digest(f, "sha256").hexdigest()
+        # its row is an error; once the photo can be read, the key changes and it is predicted
+        except OSError:
+            pass
+    return hashlib.sha256(json.dumps([pair.line, pair.image, photo, pair.text, fingerprint]).encode()).hexdigest()[:16]
+
+
+def whole_rows(text):
+    """A CSV text that a stopped run may have cut anywhere -> (its whole rows as the csv parser
+    reads them, the text up to their end). A row is whole where it ends at a line end the parser
+    reads outside quotes: a cut after a newline inside a quoted sentence is no row's end."""
+    read = 0
+    ended = False
+
+    def lines():
+        nonlocal read, ended
+        # StringIO ends a line at "\n" alone, as csv.reader wants: not at "\r" or "\u2028"
+        for line in io.StringIO(text):
+            read += len(line)
+            yield line
+        ended = True
+
+    rows, end = [], 0
+    for row in csv.reader(lines()):
+        # the text ran out inside the row (an open quote), or the row's last line has no end
+        if ended or text[read - 1] != "\n":
+            break
+        rows.append(row)
+        end = read
+    return rows, text[:end]
+
+
 def prediction_columns(classes):
-    """The predictions CSV's header: one row a face."""
+    """The predictions CSV's header: one row per face; the last column is the answer's key."""
     return ["line", "image", "text", "face", "faces", "box_x", "box_y", "box_w", "box_h", "label",
-            *classes, "inputs", "truncated", "error", "warning"]
+            *classes, "inputs", "truncated", "error", "warning", "key"]
 
 
-def prediction_rows(pair, outcome, classes):
-    """A Pair and its recognizer Prediction (or the DataError that stopped it) -> CSV rows:
-    one a face, one for the centre square or blank face when none was found, one for an error."""
-    line, image = pair.key
-    common = {"line": line, "image": image, "text": pair.text or ""}
+def prediction_rows(pair, key, outcome, classes):
+    """A Pair, its answer_key and its recognizer Prediction (or the DataError that stopped it) ->
+    CSV rows: one per face, one for the centre square or blank face when none was found, one for
+    an error."""
+    common = {"line": "" if pair.line is None else pair.line, "image": pair.image, "text": pair.text or "",
+              "key": key}
+
+    def named(message):
+        # the photo named as the image column names it: a kept row reads as a new one would, wherever
+        # the inputs lie now
+        return message if pair.path is None else message.replace(str(pair.path), pair.image)
+
     if isinstance(outcome, Exception):
-        return [{**common, "faces": 0, "error": str(outcome)}]
+        return [{**common, "faces": 0, "error": named(str(outcome))}]
     faces = outcome.faces or [None]
     rows = []
     for number, face in enumerate(faces, 1):
@@ -119,69 +174,101 @@ def prediction_rows(pair, outcome, classes):
                      **dict(zip(("box_x", "box_y", "box_w", "box_h"), box)), "label": answer.label,
                      **{name: round(answer.probabilities[name], 6) for name in classes},
                      "inputs": "+".join(outcome.inputs), "truncated": outcome.truncated,
-                     "warning": "; ".join(outcome.warnings)})
+                     "warning": named("; ".join(outcome.warnings))})
     return rows
 
 
-class PredictionsFile:
-    """The predictions CSV, opened to append: `done` holds the keys of the pairs already in
-    it, whole. Rows of a pair cut short by a stopped run are dropped (the file rewritten
-    atomically without them), so that the pair is predicted again, not kept in part."""
+def whole_answer(rows):
+    """Are these rows of one pair all there? One per face, or one when none was found."""
+    faces = rows[0]["faces"]
+    return faces.isdigit() and len(rows) == max(int(faces), 1)
 
-    def __init__(self, path, classes):
+
+def cannot_write(path, err):
+    """An OSError writing `path` (a full disk, say) -> the DataError to show."""
+    return DataError(f"cannot write {path}: {err.strerror or err}")
+
+
+class PredictionsFile:
+    """The predictions CSV of `pairs`, opened to append: `todo` holds the pairs without a whole
+    answer in it, and `dropped` counts the answers it held to no pair of these as they are now
+    (a changed photo, sentence or checkpoint, or other inputs). Those, and the rows of a pair
+    cut short by a stopped run, leave the file (rewritten atomically without them)."""
+
+    def __init__(self, path, classes, pairs, fingerprint):
         self.path = Path(path)
         self.columns = prediction_columns(classes)
         self.classes = classes
-        self.done = set()
+        self.keys = {pair: answer_key(pair, fingerprint) for pair in pairs}
+        self.todo = list(pairs)
+        self.dropped = 0
         self.file = None
 
     def __enter__(self):
-        kept = self._complete_rows() if self.path.exists() and self.path.stat().st_size else None
         try:
+            text = decoded(self.path, cut=True) if self.path.exists() else ""
+            # no file, an empty one, or one whose header a stopped run cut short: begin it
+            if self._table([]).startswith(text):
+                self._rewrite([])
+            else:
+                self._resume(text)
             self.file = open(self.path, "a", newline="", encoding="utf-8")
         except OSError as err:
-            raise DataError(f"cannot write {self.path}: {err.strerror or err}") from None
-        self.writer = csv.DictWriter(self.file, self.columns, restval="", lineterminator="\n")
-        if kept is None:
-            self.writer.writeheader()
-            self.file.flush()
+            raise cannot_write(self.path, err) from None
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        # after a failed write, closing tries the rows still buffered once more; fsync, so that a
+        # power cut loses no row that the run reported as written
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
 
-    def _complete_rows(self):
-        """Read what a run before wrote; -> its rows, with those of any half-written pair gone."""
-        text = decoded(self.path)
-        # a line cut short by a killed run (a pair's rows go in one write, the last may not end)
-        whole = text[:text.rfind("\n") + 1]
-        reader = csv.DictReader(io.StringIO(whole))
-        if reader.fieldnames != self.columns:
-            raise DataError(f"{self.path} is not a predictions file of this checkpoint's classes "
-                            "(its header differs): pass another --out")
-        groups = {}
-        for row in reader:
-            groups.setdefault((row["line"], row["image"]), []).append(row)
-        kept = []
-        for key, rows in groups.items():
-            # a pair's row count: one a face, or one when none was found
-            if len(rows) == max(int(rows[0]["faces"] or 0), 1):
-                self.done.add(key)
-                kept += rows
-        if whole != text or len(kept) < sum(len(rows) for rows in groups.values()):
-            out = io.StringIO()
-            writer = csv.DictWriter(out, self.columns, lineterminator="\n")
+    def _table(self, rows, header=True):
+        """Rows (dicts) -> their CSV text, after the header where `header`."""
+        out = io.StringIO()
+        # "\r\n", the csv module's own line end: with it, a sentence holding a lone "\r" is quoted too
+        writer = csv.DictWriter(out, self.columns, restval="", lineterminator="\r\n")
+        if header:
             writer.writeheader()
-            writer.writerows(kept)
-            with atomic_write(self.path) as tmp:
-                tmp.write_text(out.getvalue(), encoding="utf-8")
-        return kept
+        writer.writerows(rows)
+        return out.getvalue()
+
+    def _rewrite(self, rows):
+        """The file made of the header and `rows`, whole or not at all."""
+        with atomic_write(self.path) as tmp:
+            tmp.write_text(self._table(rows), encoding="utf-8", newline="")
+
+    def _resume(self, text):
+        """The text a run before wrote -> the whole answers to these pairs kept, the rest dropped."""
+        try:
+            rows, whole = whole_rows(text)
+        except csv.Error as err:
+            raise DataError(f"{self.path} is not a predictions file ({err}): pass another --out") from None
+        if not rows or rows[0] != self.columns:
+            raise DataError(f"{self.path} is not a predictions file that this version writes for this "
+                            "checkpoint's classes (its header differs): pass another --out")
+        answers = {}
+        for values in rows[1:]:
+            # a row of another length is no answer of this file's (None is no pair's key)
+            key = values[-1] if len(values) == len(self.columns) else None
+            answers.setdefault(key, []).append(dict(zip(self.columns, values)))
+        wanted = set(self.keys.values())
+        done = {key for key, answer in answers.items() if key in wanted and whole_answer(answer)}
+        self.dropped = len(answers.keys() - wanted)
+        self.todo = [pair for pair in self.todo if self.keys[pair] not in done]
+        kept = [row for key, answer in answers.items() if key in done for row in answer]
+        # the file's bytes, not the text's characters: a character cut short was dropped from the text
+        if len(kept) < len(rows) - 1 or len(whole.encode("utf-8")) < self.path.stat().st_size:
+            self._rewrite(kept)
 
     def append(self, pair, outcome):
         """The rows of one pair, written in one go and flushed: an interrupted run keeps them."""
-        out = io.StringIO()
-        csv.DictWriter(out, self.columns, restval="", lineterminator="\n").writerows(
-            prediction_rows(pair, outcome, self.classes))
-        self.file.write(out.getvalue())
-        self.file.flush()
-        self.done.add(pair.key)
+        try:
+            self.file.write(self._table(prediction_rows(pair, self.keys[pair], outcome, self.classes), header=False))
+            self.file.flush()
+        except OSError as err:
+            raise cannot_write(self.path, err) from None

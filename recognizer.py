@@ -13,13 +13,13 @@ centre square's when none is found. A missing input is the evaluation's blank (a
 an empty sentence). Probabilities are calibrated with each checkpoint's temperature, and an
 ensemble averages its members' calibrated probabilities. The model runs in fp32 whatever the
 batch, so predict_many gives what single predict calls give, to float rounding.
-No path: the best fused run under checkpoints/ (default_checkpoint).
+No path: the best run under checkpoints/ on the data set trained last (default_checkpoint).
 
 demo.py and evaluate.py --pairs are command lines over this module. Not here: the files of
 pairs and of predictions (pairs.py), finding and cropping faces (images.py), the --explain
 figure (explain.py), loading one checkpoint (checkpoints.py).
 """
-import csv
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -31,8 +31,9 @@ import torch
 from checkpoints import CheckpointError, load_checkpoint
 from data import BLANK_PIXEL
 from images import as_photo, face_crops, to_gray
-from runtime import DataError, pick_device
+from runtime import DataError, one_line, pick_device
 from tokenizer import encode_counted
+from training import read_log
 
 # a --modality as the notes, the default-checkpoint line and the explain figure name it
 MODALITY_NAMES = {"both": "fused", "image": "image-only", "text": "text-only"}
@@ -54,25 +55,36 @@ def predict(model, images, input_ids, lengths, device, *, temperature):
 
 
 def default_checkpoint(root="checkpoints"):
-    """-> (best.pt of the best run, why): fused runs first, then Model B, then val macro-F1."""
-    candidates = []
+    """-> (best.pt of the best run, why). Val macro-F1 compares runs on one data set only (a
+    synthetic quick start scores far higher than a real run): the data set trained on last (the
+    newest log.csv) is the one chosen from. Among its runs, a fused run first, then the best val
+    macro-F1, then Model B."""
+    runs = []
     for best in Path(root).glob("*/best.pt"):
         args_file = best.with_name("args.json")
         log_file = best.with_name("log.csv")
         if not (args_file.exists() and log_file.exists()):
             continue
         run_args = json.loads(args_file.read_text())
-        with open(log_file, newline="") as f:
-            f1 = max((float(row["val_macro_f1"]) for row in csv.DictReader(f)), default=-1.0)
+        f1 = max((float(row["val_macro_f1"]) for row in read_log(log_file)), default=-1.0)
         modality = run_args.get("modality", "both")
-        candidates.append((modality == "both", run_args.get("model") == "b", f1, str(best), modality))
-    if not candidates:
+        # the prepared data's key (meta.json's); an older run names its data by the folder alone
+        data = run_args.get("data_key") or run_args.get("data")
+        runs.append({"rank": (modality == "both", f1, run_args.get("model") == "b"), "path": str(best),
+                     "modality": modality, "data": data, "trained": log_file.stat().st_mtime_ns})
+    if not runs:
         raise DataError(f"no checkpoint found under {root}/*/best.pt: train one "
                         "(`python train.py --model b`) or pass --checkpoint")
-    fused, is_b, f1, path, modality = max(candidates)
-    why = f"Model {'B' if is_b else 'A'}, {MODALITY_NAMES.get(modality, modality)}, val macro-F1 {f1:.3f}: "
-    why += "the best of" if fused else "no fused run among"
-    return path, f"{why} {len(candidates)} run(s) under {root}/"
+    data = max(runs, key=lambda run: run["trained"])["data"]
+    compared = [run for run in runs if run["data"] == data]
+    chosen = max(compared, key=lambda run: run["rank"])
+    fused, f1, is_b = chosen["rank"]
+    why = (f"Model {'B' if is_b else 'A'}, {MODALITY_NAMES.get(chosen['modality'], chosen['modality'])}, "
+           f"val macro-F1 {f1:.3f}: {'the best of' if fused else 'no fused run among'} {len(compared)} run(s) "
+           f"on the data set trained last under {root}/")
+    if len(compared) < len(runs):
+        why += f"; {len(runs) - len(compared)} run(s) on other data not compared"
+    return chosen["path"], why
 
 
 def load_members(paths, device="cpu"):
@@ -181,6 +193,16 @@ class EmotionRecognizer:
         device = pick_device(device) if isinstance(device, str) else torch.device(device)
         return cls(load_members(paths, device), paths, device, detect)
 
+    def fingerprint(self):
+        """What every answer depends on besides its pair, as 16 hex digits: the checkpoints'
+        bytes, in any order (an ensemble's mean is the same), and whether faces are looked for.
+        Reading the files again costs little: loading them has just read them."""
+        members = []
+        for path in self.paths:
+            with open(path, "rb") as f:
+                members.append(hashlib.file_digest(f, "sha256").hexdigest())
+        return hashlib.sha256(json.dumps([sorted(members), self.detect]).encode()).hexdigest()[:16]
+
     def check_inputs(self, given):
         """Refuse a pair without the one input a single-modality member reads."""
         if not (given["image"] or given["text"]):
@@ -267,8 +289,8 @@ class EmotionRecognizer:
 
     def predict_many(self, pairs, batch_size=64, *, errors="raise"):
         """Pairs, (image, text) or dicts -> [Prediction], in order, the faces of `batch_size`
-        pairs at a time through the model. errors="return": a bad pair's DataError stands in
-        its place, and the others are predicted."""
+        pairs at a time through the model. Any failure on one pair is a DataError naming it;
+        errors="return": that DataError stands in the pair's place, and the others are predicted."""
         return list(self.iter_predictions(pairs, batch_size, errors=errors))
 
     def iter_predictions(self, pairs, batch_size=64, *, errors="raise", keep_inputs=False):
@@ -291,9 +313,15 @@ class EmotionRecognizer:
             try:
                 item = self.prepare(*pair_parts(pair))
                 prepared.append(item if keep_inputs else replace(item, photo=None))
-            except DataError as err:
+            # Exception, not DataError alone: an odd photo (an OpenCV error, say) must not end a
+            # batch of thousands, nor every rerun of it
+            except Exception as err:
+                if not isinstance(err, DataError):
+                    image = pair_parts(pair)[0]
+                    where = image if isinstance(image, (str, os.PathLike)) else "the pair"
+                    err = DataError(f"{where} could not be predicted ({one_line(err)})")
                 if errors == "raise":
-                    raise
+                    raise err
                 prepared.append(err)
         ready = [p for p in prepared if isinstance(p, PreparedPair)]
         if not ready:

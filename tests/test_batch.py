@@ -2,6 +2,7 @@
 with its reason and the run goes on; a bad CSV is one line naming its line; a stopped run keeps
 its rows and the same command goes on from there, nothing lost and nothing twice."""
 import csv
+import errno
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 import demo
+import pairs as pairs_module
 import recognizer
 from data import CLASSES
 from recognizer import EmotionRecognizer
@@ -58,7 +60,7 @@ def test_pairs_give_a_row_a_face_equal_to_single_predictions(runs, photos, tmp_p
     assert [row["line"] for row in written] == ["2", "3", "3", "4", "5", "6", "7", "8", "10"]
     assert list(written[0])[:10] == ["line", "image", "text", "face", "faces", "box_x", "box_y", "box_w", "box_h",
                                      "label"]
-    assert list(written[0])[10:] == [*CLASSES, "inputs", "truncated", "error", "warning"]
+    assert list(written[0])[10:] == [*CLASSES, "inputs", "truncated", "error", "warning", "key"]
     # each row against the same pair predicted alone
     model = EmotionRecognizer.load(checkpoint, device="cpu")
     for row in written:
@@ -176,6 +178,151 @@ def test_a_pair_cut_short_is_predicted_again(runs, photos, tmp_path, capsys):
     other = write_csv(tmp_path / "other.csv", ["a,b", "1,2"])
     code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", other)
     assert code == 2 and len(err) == 1 and "pass another --out" in err[0] and other.read_text() == "a,b\n1,2\n"
+
+
+def sorted_rows(path):
+    return sorted(rows(path), key=lambda row: (int(row["line"] or 0), row["image"], row["face"]))
+
+
+def test_an_odd_photo_stays_with_its_row_and_the_batch_goes_on(runs, photos, tmp_path, capsys, monkeypatch):
+    # A sliver (1000 x 1) crashed OpenCV's resize and the whole batch with it, on every rerun
+    # (issue 54); any other failure on one photo must stay with that photo too.
+    Image.fromarray(np.full((1, 1000), 128, np.uint8)).save(photos / "sliver.png")
+    Image.fromarray(np.full((123, 123), 128, np.uint8)).save(photos / "odd.png")
+    real = recognizer.face_crops
+
+    def fail_on_odd(gray, *args, **kwargs):
+        if gray.shape == (123, 123):
+            raise RuntimeError("OpenCV(4.10.0) resize.cpp:4152: error: (-215:Assertion failed)\n"
+                               " in function 'resize'\n")
+        return real(gray, *args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "face_crops", fail_on_odd)
+    pairs = write_csv(tmp_path / "pairs.csv", ["image,text", "photos/one.jpg,hi", "photos/sliver.png,hi",
+                                               "photos/odd.png,hi", "photos/two.png,hi"])
+    out = tmp_path / "predictions.csv"
+    checkpoint = runs / "model_b" / "best.pt"
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+    written = rows(out)
+    assert code == 0 and [row["line"] for row in written] == ["2", "3", "4", "5", "5"]
+    assert [bool(row["label"]) for row in written] == [True, False, False, True, True]
+    # the photo named as the image column names it
+    assert written[1]["error"].startswith("photos/sliver.png is too small to hold a face (1000x1 pixels")
+    assert written[2]["error"] == ("photos/odd.png could not be predicted (RuntimeError: OpenCV(4.10.0) "
+                                   "resize.cpp:4152: error: (-215:Assertion failed) in function 'resize')")
+    assert "2 row(s) failed (1 too small to hold a face, 1 could not be predicted)" in stdout[-1]
+    # the rerun finishes: nothing left to do
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", out)[1][-1].startswith(f"{out}: 0 pair(s) predicted")
+    assert rows(out) == written
+
+
+def test_an_answer_is_kept_only_while_its_input_is_the_same(runs, photos, tmp_path, capsys):
+    # The resume key was (line, image): another sentence, an edited cell, another folder with the
+    # same names or another checkpoint kept the old answers and exited 0 (issue 54). Each run
+    # into --out must leave what a run into a new file writes.
+    model_a, model_b = runs / "model_a" / "best.pt", runs / "model_b" / "best.pt"
+    out, fresh = tmp_path / "predictions.csv", tmp_path / "fresh.csv"
+
+    def resumed(checkpoint, *inputs):
+        """-> the closing line and stderr of a run into `out`, checked against a run into a new file."""
+        fresh.unlink(missing_ok=True)
+        code, stdout, err = batch(capsys, checkpoint, *inputs, "--out", out)
+        assert code == 0 and batch(capsys, checkpoint, *inputs, "--out", fresh)[0] == 0
+        same_rows(sorted_rows(out), sorted_rows(fresh))
+        return stdout[-1], err
+
+    furious = ["--images", photos, "--text", "I am furious"]
+    lovely = ["--images", photos, "--text", "what a lovely day"]
+    assert "4 pair(s) predicted" in resumed(model_b, *furious)[0]
+    closing, err = resumed(model_b, *lovely)
+    assert "4 pair(s) predicted" in closing and f"note: {out} held 4 answer(s) to inputs that are not these" in err[0]
+    assert "0 pair(s) predicted, 5 row(s) written, 4 pair(s) there already" not in closing
+    assert "0 pair(s) predicted" in resumed(model_b, *lovely)[0]
+    # another folder, the same names, one photo changed
+    other = tmp_path / "other"
+    shutil.copytree(photos, other)
+    shutil.copy(photos / "two.png", other / "plain.png")
+    closing = resumed(model_b, "--images", other, "--text", "what a lovely day")[0]
+    assert "1 pair(s) predicted" in closing and "3 pair(s) there already" in closing
+    assert "4 pair(s) predicted" in resumed(model_a, "--images", other, "--text", "what a lovely day")[0]
+    assert "4 pair(s) predicted" in resumed(model_a, "--images", other, "--text", "what a lovely day",
+                                            "--no-detect")[0]
+    # a CSV, then a cell edited, then a line put in before the others
+    lines = ["image,text", "photos/one.jpg,so happy", "photos/two.png,so sad", "photos/plain.png,so calm"]
+    pairs = write_csv(tmp_path / "pairs.csv", lines)
+    assert "3 pair(s) predicted" in resumed(model_a, "--pairs", pairs)[0]
+    write_csv(pairs, [*lines[:2], "photos/two.png,so very sad", lines[3]])
+    closing = resumed(model_a, "--pairs", pairs)[0]
+    assert "1 pair(s) predicted" in closing and "2 pair(s) there already" in closing
+    write_csv(pairs, [lines[0], "photos/plain.png,first", *lines[1:]])
+    # every row now starts a line further down: its line column would be wrong
+    assert "4 pair(s) predicted" in resumed(model_a, "--pairs", pairs)[0]
+
+
+def test_a_run_cut_inside_a_quoted_sentence_or_a_character_goes_on(runs, photos, tmp_path, capsys):
+    # A run stopped after a newline inside a quoted sentence left a short row counted as done,
+    # and every row appended after it inside the open quote; one stopped inside a character of
+    # several bytes left a file that no resume could read, "line N is not UTF-8" (issue 54).
+    checkpoint = runs / "model_a" / "best.pt"
+    sentences = ["a first line\nand a second", "so happy 😀 today\nreally", "third\n\nafter a blank line",
+                 "the last one"]
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["image", "text"], *[["photos/one.jpg", sentence] for sentence in sentences]])
+    whole = tmp_path / "whole.csv"
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", whole)[0] == 0
+    data = whole.read_bytes()
+    second = data.index(b"so happy")
+    out = tmp_path / "predictions.csv"
+    for cut in (data.index(b"\n", second) + 1, data.index("😀".encode()) + 2):
+        out.write_bytes(data[:cut])
+        code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+        assert code == 0 and "3 pair(s) predicted" in stdout[-1] and "1 pair(s) there already" in stdout[-1]
+        same_rows(rows(out), rows(whole))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_rows_written(runs, photos, tmp_path, capsys, monkeypatch):
+    checkpoint = runs / "model_a" / "best.pt"
+    pairs = write_csv(tmp_path / "pairs.csv", ["image,text"] + [f"photos/one.jpg,sentence {i}" for i in range(4)])
+    whole = tmp_path / "whole.csv"
+    assert batch(capsys, checkpoint, "--pairs", pairs, "--out", whole)[0] == 0
+    real_open = open
+
+    class FullDisk:
+        """A file on a disk that fills while the rows of "sentence 2" are written: half of them
+        reach it, and a later write or close fails the same way."""
+        def __init__(self, file):
+            self.file = file
+            self.full = False
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def write(self, text):
+            if self.full or "sentence 2" in text:
+                self.file.write(text[:len(text) // 2])
+                self.file.flush()
+                self.full = True
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(text)
+
+        def close(self):
+            self.file.close()
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if "a" in mode else file
+
+    monkeypatch.setattr(pairs_module, "open", open_on_a_full_disk, raising=False)
+    out = tmp_path / "predictions.csv"
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+    assert code == 2 and stdout == [] and err == [f"error: cannot write {out}: No space left on device"]
+    monkeypatch.undo()
+    code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
+    assert code == 0 and "2 pair(s) predicted" in stdout[-1] and "2 pair(s) there already" in stdout[-1]
+    same_rows(rows(out), rows(whole))
 
 
 def test_demo_with_an_ensemble(runs, tmp_path, capsys):

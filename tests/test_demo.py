@@ -66,12 +66,15 @@ def test_bar_list_starts_with_the_argmax(runs, tmp_path, capsys):
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
     image, not_image, foreign = face(tmp_path / "f.png"), tmp_path / "notes.png", tmp_path / "x.pt"
     bomb = bomb_png(tmp_path / "bomb.png")
+    sliver = tmp_path / "sliver.png"  # 1000 x 1: shrunk for detection, it was 0 pixels high (issue 54)
+    Image.fromarray(np.full((1, 1000), 128, np.uint8)).save(sliver)
     not_image.write_text("not an image")
     torch.save({"weights": torch.zeros(2)}, foreign)
     checkpoint = str(runs / "model_b" / "best.pt")
     cases = [["--image", str(tmp_path / "missing.png"), "--text", "hi", "--checkpoint", checkpoint],
              ["--image", str(not_image), "--text", "hi", "--checkpoint", checkpoint],
              ["--image", str(bomb), "--text", "hi", "--checkpoint", checkpoint],
+             ["--image", str(sliver), "--text", "hi", "--checkpoint", checkpoint],
              ["--image", str(image), "--text", "", "--checkpoint", checkpoint],
              ["--image", str(image), "--text", "  \t ", "--checkpoint", checkpoint],
              ["--image", str(image), "--text", "\x01\x02", "--checkpoint", checkpoint],  # no tokens

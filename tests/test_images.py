@@ -81,6 +81,25 @@ def test_gradient_has_no_face():
     assert detect_faces(np.tile(np.linspace(0, 255, 400).astype(np.uint8), (300, 1))) == []
 
 
+@pytest.mark.parametrize("shape", [(1, 1000), (30, 30000), (20000, 2), (10, 10)])
+def test_a_thin_or_tiny_image_has_no_face(shape):
+    # Shrunk for detection, a side can fall under the detector's window, or to 0 pixels
+    # (OpenCV's resize raised on that: issue 54).
+    gray = np.tile(np.linspace(0, 255, shape[1]).astype(np.uint8), (shape[0], 1))
+    assert detect_faces(gray) == []
+
+
+def test_an_image_too_small_to_hold_a_face_is_refused(tmp_path):
+    sliver = tmp_path / "sliver.png"
+    Image.fromarray(np.full((1, 1000), 128, np.uint8)).save(sliver)
+    for image in (sliver, str(sliver), np.full((1, 1000), 128, np.uint8), np.full((23, 200, 3), 128, np.uint8)):
+        with pytest.raises(DataError, match="too small to hold a face"):
+            images.as_photo(image)
+    with pytest.raises(DataError, match=f"{sliver} is too small to hold a face \\(1000x1 pixels"):
+        images.as_photo(sliver)
+    assert images.as_photo(np.full((24, 200), 128, np.uint8)).shape == (24, 200)
+
+
 def test_face_square_adds_the_margin_and_a_filled_frame_is_used_whole():
     side = round(100 * (1 + FACE_MARGIN))
     corner = round(200 + (100 - side) / 2)

@@ -2,6 +2,7 @@
 alone is enough; a batch gives what single calls give; ensembles average their members'
 calibrated probabilities and refuse members that read inputs differently; the default run."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,43 @@ def test_a_bad_pair_in_a_batch(loaded, tmp_path):
     close(results[3], model.predict(None, "hi"))
 
 
+def test_any_failure_on_one_pair_is_a_data_error_naming_it(loaded, tmp_path, monkeypatch):
+    # issue 54: an OpenCV error on one odd photo ended the whole batch
+    model = loaded["model_a"]
+    real = recognizer.face_crops
+
+    def fail_on_odd(gray, *args, **kwargs):
+        if gray.shape == (123, 123):
+            raise RuntimeError("resize failed\n in function 'resize'")
+        return real(gray, *args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "face_crops", fail_on_odd)
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.full((123, 123), 128, np.uint8)).save(odd)
+    pairs = [(PHOTO, "so happy"), (odd, "hi"), (np.full((123, 123), 128, np.uint8), "hi"),
+             (np.full((1, 1000), 128, np.uint8), "hi")]
+    results = model.predict_many(pairs, errors="return")
+    assert str(results[1]) == f"{odd} could not be predicted (RuntimeError: resize failed in function 'resize')"
+    assert isinstance(results[2], DataError) and str(results[2]).startswith("the pair could not be predicted")
+    assert isinstance(results[3], DataError) and "the image is too small to hold a face (1000x1" in str(results[3])
+    close(results[0], model.predict(PHOTO, "so happy"))
+    with pytest.raises(DataError, match="could not be predicted"):
+        model.predict(odd, "hi")
+
+
+def test_the_fingerprint_is_the_checkpoints_bytes_and_face_detection(runs, loaded, tmp_path):
+    # what demo.py --pairs keys each answer by: a copy of the checkpoint elsewhere gives the same answers
+    a, b = loaded["model_a"], loaded["model_b"]
+    copy = shutil.copy(runs / "model_a" / "best.pt", tmp_path / "copy.pt")
+    fingerprint = a.fingerprint()
+    assert EmotionRecognizer(a.members, [copy], "cpu").fingerprint() == fingerprint
+    assert EmotionRecognizer(a.members, a.paths, "cpu", detect=False).fingerprint() != fingerprint
+    assert b.fingerprint() != fingerprint
+    ensemble = EmotionRecognizer(a.members + b.members, a.paths + b.paths, "cpu").fingerprint()
+    assert EmotionRecognizer(b.members + a.members, b.paths + a.paths, "cpu").fingerprint() == ensemble
+    assert ensemble not in (fingerprint, b.fingerprint())
+
+
 def test_an_ensemble_averages_its_members_calibrated_probabilities(runs, tmp_path):
     # a third member, hotter: its calibrated probabilities differ from its source's
     hot = resave(runs / "model_a" / "best.pt", tmp_path / "hot" / "best.pt", temperature=3.0)
@@ -157,23 +195,11 @@ def fake_run(root, name, arch, val_f1s, modality=None):
     (run / "log.csv").write_text("epoch,val_macro_f1\n" + "".join(f"{i},{f1}\n" for i, f1 in enumerate(val_f1s)))
 
 
-def test_default_checkpoint_prefers_model_b(runs, tmp_path):
-    assert recognizer.default_checkpoint(runs)[0] == str(runs / "model_b" / "best.pt")
-    # Two runs of one architecture: the best epoch's val macro-F1 decides, not the last one's
-    # and not the folder name; a Model A run scoring higher still loses to Model B.
-    fake_run(tmp_path, "b_first", "b", [0.40, 0.62, 0.55])
-    fake_run(tmp_path, "b_second", "b", [0.50, 0.58, 0.60])
-    fake_run(tmp_path, "a_best", "a", [0.90])
-    path, why = recognizer.default_checkpoint(tmp_path)
-    assert path == str(tmp_path / "b_first" / "best.pt")
-    assert "Model B, fused, val macro-F1 0.620: the best of 3 run(s)" in why
-
-
 def test_default_checkpoint_prefers_fused_models_and_says_why(tmp_path):
     # Issue 19: a text-only B run scoring higher than the fused one was picked.
     fake_run(tmp_path, "b_text", "b", [0.60], modality="text")
     fake_run(tmp_path, "a_image", "a", [0.70], modality="image")
-    assert recognizer.default_checkpoint(tmp_path)[1].startswith("Model B, text-only, val macro-F1 0.600: no fused run")
+    assert recognizer.default_checkpoint(tmp_path)[1].startswith("Model A, image-only, val macro-F1 0.700: no fused run")
     fake_run(tmp_path, "a_fused", "a", [0.50])
     assert recognizer.default_checkpoint(tmp_path)[0] == str(tmp_path / "a_fused" / "best.pt")
     fake_run(tmp_path, "b_fused", "b", [0.55], modality="both")
@@ -181,11 +207,11 @@ def test_default_checkpoint_prefers_fused_models_and_says_why(tmp_path):
     assert path == str(tmp_path / "b_fused" / "best.pt") and "fused" in why and "4 run(s)" in why
 
 
-
 def test_no_path_loads_the_default_run(runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").symlink_to(runs)
     chosen = EmotionRecognizer.load(device="cpu")
-    assert chosen.paths == ["checkpoints/model_b/best.pt"] == [recognizer.default_checkpoint()[0]]
+    assert chosen.paths == [recognizer.default_checkpoint()[0]]
+    assert chosen.paths[0] in ("checkpoints/model_a/best.pt", "checkpoints/model_b/best.pt")
     with pytest.raises(DataError, match="no checkpoint found under elsewhere"):
         EmotionRecognizer.load(device="cpu", root="elsewhere")
