@@ -4,12 +4,13 @@
     python prepare_data.py --faces fer2013 --image-size 48    # FER2013 faces, at their own size
     python prepare_data.py --source synthetic                 # offline, seeded, ~20 s
     python prepare_data.py --image-dir ~/raf-db --text-csv ~/emotions.csv
-    python prepare_data.py --dedupe     # no val/test face with a near-copy in an earlier split
+    python prepare_data.py --dedupe     # drops val and test faces with a near-copy in an earlier split
 
 Six steps, each skipped when its inputs are unchanged (`--force` redoes them): 1 raw data,
-2 images and the leak audit (leaks.py), 3 texts, 4 tokenizer, 5 pairing, 6 shards + meta.json.
+2 images and the leak audit, 3 texts, 4 the tokenizer, 5 pairing, 6 shards and meta.json.
 Each output is renamed into place before its key (a hash of its inputs) is written, so a
-killed run leaves nothing a later run takes for finished work.
+killed run leaves nothing that a later run takes for finished work. The helpers that
+download, generate and read the raw data, audit the leaks and train the tokenizer are in prep/.
 """
 import argparse
 import json
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import leaks
-from data import CLASSES, FORMAT_VERSION, SPLITS
-from runtime import DataError, atomic_write, script_parser
-from sources import FACE_SETS, KAGGLE_TEXTS, TEXT_TO_CLASS, describe_encoding, digest, \
+from data import CLASSES, FORMAT_VERSION, SPLITS, encode_texts
+from prep import leaks
+from prep.sources import FACE_SETS, KAGGLE_TEXTS, TEXT_TO_CLASS, describe_encoding, digest, \
     find_image_root, find_text_file, kaggle_download, list_images, read_images, say, \
     split_texts, synthetic_raw
-from tokenizer import encode_texts, train_tokenizer
+from prep.tokenizer import train_tokenizer
+from runtime import DataError, atomic_write, script_parser
 
 UNPAIRED = [c for c in CLASSES if c not in TEXT_TO_CLASS.values()]  # Disgust, Neutral
 SHARD_SIZE = 10000
@@ -52,7 +53,7 @@ def step(number, name, work, key, force, build):
     result = build()
     with atomic_write(output) as tmp:
         torch.save(result, tmp)
-    # after the output: a marker always vouches for a whole file
+    # written after the output, so that a marker always vouches for a whole file
     marker.write_text(key)
     say(f"      {name}: {time.time() - start:.1f} s")
     return result
@@ -87,9 +88,9 @@ def locate(args):
     return image_dir, text_csv, sources
 
 
-# ---- step 2: images (step 3, the texts: sources.split_texts) -----------------------
+# ---- step 2: images (step 3, the texts, is prep.sources.split_texts) ---------------
 def read_and_audit(listing, root, size, seed):
-    """Step 2: the images of every split, then the near-copies across splits (leaks.py)."""
+    """Step 2: the images of every split, then the near-copies across splits (prep/leaks.py)."""
     result = read_images(listing, root, size, seed)
     images = {split: result[split]["images"].numpy() for split in SPLITS}
     files = {split: result[split]["files"] for split in SPLITS}
@@ -100,9 +101,9 @@ def read_and_audit(listing, root, size, seed):
 
 # ---- step 5: pairing ---------------------------------------------------------------
 def pair_texts(image_labels, text_classes, classes, unpaired, rng):
-    """For each image, the index of a text of the same split and class: each class's texts
-    in a seeded order, used evenly (every text once before any twice). Images of classes
-    without texts (Disgust, Neutral) get any text under 'random'."""
+    """For each image, the index of a text of the same split and class. Each class's texts are
+    shuffled with `rng` and used evenly (every text once before any text twice). Under
+    'random', the images of the classes without texts (Disgust, Neutral) get any text."""
     text_classes = np.asarray(text_classes)
     choice = np.full(len(image_labels), -1, dtype=np.int64)
     for index, name in enumerate(classes):
@@ -150,7 +151,7 @@ def pair_all(images, texts, unpaired, dedupe, seed):
 
 # ---- step 6: shards and meta.json --------------------------------------------------
 def write_shards(out, split, images, input_ids, lengths, pairs):
-    """One split's pairs as shards of SHARD_SIZE rows -> their file names."""
+    """Write one split's pairs as shards of SHARD_SIZE rows; returns their file names."""
     rows = pairs["image_rows"]
     text_rows = pairs["text_rows"]
     names = []
@@ -169,7 +170,7 @@ def write_shards(out, split, images, input_ids, lengths, pairs):
 
 def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key):
     """Step 6: the shards, the train text pool, tokenizer.json and, last, meta.json."""
-    # imported here, as in tokenizer.py: only this step needs it (start-up time)
+    # imported here for start-up time: only this step needs it
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(tokenizer_json)
     classes = paired["classes"]
@@ -213,7 +214,7 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
 
 def library_versions():
     """The versions meta.json records: those that decide the bytes written."""
-    # imported here for their versions alone (images.py imports Pillow when it reads)
+    # imported here for their versions alone (images.py imports Pillow only when it reads an image)
     import PIL
     import sklearn
     import tokenizers
@@ -237,28 +238,31 @@ def parse_args(argv=None):
     p.add_argument("--raw-dir", default="data/raw", metavar="DIR",
                    help="where downloads and generated data go")
     p.add_argument("--out", default="data/processed", metavar="DIR",
-                   help="the prepared data (train.py --data)")
+                   help="the folder for the prepared data (train.py --data reads it)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="the val carve, the text split, the pairing and the synthetic data")
+                   help="the seed of the val carve, the text split, the pairing and the synthetic data")
     p.add_argument("--image-size", type=int, default=75, metavar="PIXELS",
                    help="side of the stored faces in pixels; not the trunk's input size "
                         "(train.py --input-size), to which train.py resizes them")
     p.add_argument("--vocab-size", type=int, default=5000, metavar="N",
-                   help="tokenizer vocabulary, [PAD] and [UNK] included; learned from train texts")
+                   help="the size of the tokenizer's vocabulary, [PAD] and [UNK] included, learned "
+                        "from the train texts")
     p.add_argument("--max-len", type=int, default=64, metavar="TOKENS",
                    help="tokens kept per sentence; longer sentences are cut (counted in meta.json)")
     p.add_argument("--unpaired", choices=["random", "drop"], default="random",
-                   help="Disgust/Neutral (no texts): random texts, or drop the classes")
+                   help="what to do with Disgust and Neutral, which have no texts: pair them with "
+                        "random texts, or drop the two classes")
     p.add_argument("--synthetic-images", default="300,50,50", metavar="TRAIN,VAL,TEST",
-                   help="synthetic faces per class in train,val,test (real size: 4286,1072,600)")
+                   help="the number of synthetic faces per class in train,val,test "
+                        "(the real size is 4286,1072,600)")
     p.add_argument("--synthetic-texts", type=int, default=6000, metavar="N",
-                   help="synthetic sentences (real size: 417000)")
+                   help="the number of synthetic sentences (the real size is 417000)")
     p.add_argument("--synthetic-copies", type=float, default=0.0, metavar="FRACTION",
                    help="plant near-copies of train faces as this fraction of val and test "
                         "(listed in <raw-dir>/synthetic/planted.csv): a leak for the audit to find")
     p.add_argument("--dedupe", action="store_true",
-                   help="drop val images with a near-copy in train, test images with one in "
-                        "train or val")
+                   help="drop the val images that have a near-copy in train, and the test images "
+                        "that have one in train or val")
     p.add_argument("--force", action="store_true", help="redo every step")
     args = p.parse_args(argv)
     # Parsed again over a namespace of markers: a flag still holding its marker was not given.
@@ -277,12 +281,12 @@ def check_flags(args, given):
     if args.source == "synthetic":
         unused = [flag(dest) for dest in KAGGLE_FLAGS if dest in given]
         if unused:
-            raise DataError(f"{', '.join(unused)} not read by --source synthetic, which generates "
+            raise DataError(f"{', '.join(unused)} is not read by --source synthetic, which generates "
                             "its own faces and sentences: drop it, or leave out --source synthetic")
     else:
         unused = [flag(dest) for dest in SYNTHETIC_FLAGS if dest in given]
         if unused:
-            raise DataError(f"{', '.join(unused)} only read by --source synthetic: add "
+            raise DataError(f"{', '.join(unused)} is only read by --source synthetic: add "
                             "--source synthetic, or drop it")
     if args.image_dir and "faces" in given:
         raise DataError(f"--faces picks the face data set to download, but --image-dir "
@@ -292,7 +296,7 @@ def check_flags(args, given):
             raise DataError(f"{flag(dest)} must be at least 1, got {getattr(args, dest)}")
     counts = args.synthetic_images.split(",")
     if len(counts) != 3 or not all(n.strip().isdigit() and int(n) > 0 for n in counts):
-        raise DataError(f"--synthetic-images is three counts above 0, train,val,test "
+        raise DataError(f"--synthetic-images takes three counts above 0, train,val,test "
                         f"(e.g. 300,50,50), got {args.synthetic_images!r}")
     args.synthetic_images = tuple(int(n) for n in counts)
     if not 0 <= args.synthetic_copies <= 1:
@@ -336,7 +340,7 @@ def prepare(args):
     image_dir, text_csv, sources = locate(args)
     image_root = find_image_root(image_dir)
     listing = list_images(image_root)
-    # after the raw data are found good: a bad tree leaves nothing under --out
+    # made only after the raw data are found good, so that a bad tree leaves nothing under --out
     work.mkdir(parents=True, exist_ok=True)
     files = [(str(path), path.stat().st_size, path.stat().st_mtime_ns)
              for split in listing.values() for path, _ in split]

@@ -1,9 +1,8 @@
-"""leaks.py: planted copies are found, distinct faces are not paired, the report is right."""
+"""prep/leaks.py: planted copies are found, distinct faces are not paired, the report is right."""
 import numpy as np
 import pytest
 
-import leaks
-import synthetic
+from prep import leaks, synthetic
 
 
 @pytest.fixture(scope="module")

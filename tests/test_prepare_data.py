@@ -17,8 +17,8 @@ from PIL import Image
 import data
 import runtime
 import prepare_data
-import synthetic
 from data import load_meta, load_split, load_text_pool, load_tokenizer
+from prep import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()

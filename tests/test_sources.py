@@ -1,4 +1,4 @@
-"""sources.py through prepare_data.py: the layouts it accepts (RAF-DB's numbered folders, the
+"""prep/sources.py through prepare_data.py: the layouts it accepts (RAF-DB's numbered folders, the
 twin CSV, FER2013 as Kaggle unzips it), downloads and credentials, text encodings, and the
 files a download carries that are not data."""
 import csv
@@ -12,9 +12,8 @@ from PIL import Image
 
 import data
 import prepare_data
-import sources
-import synthetic
 from data import load_meta, load_split
+from prep import sources, synthetic
 from test_prepare_data import WORDS, balanced_tree, prepare, text_csv
 
 

@@ -1,27 +1,23 @@
-"""The tokenizer: a deterministic WordPiece vocabulary learned from the train texts, and
-sentences encoded into the padded id tensors every model reads.
+"""Training the tokenizer: a WordPiece vocabulary learned from the train texts alone, the same
+for the same texts in every process.
 
-    from tokenizer import train_tokenizer, encode_texts, encode_counted
+    from prep.tokenizer import train_tokenizer
     tokenizer_json = train_tokenizer(train_texts, vocab_size=5000)["json"]
-    input_ids, lengths = encode_texts(tokenizer, ["so happy today"], max_len=64)
-    input_ids, lengths, counts = encode_counted(tokenizer, texts, max_len=64)  # counts: before the cut
 
-prepare_data.py trains it once; data.py loads the saved tokenizer.json; the demo and the
-checkpoints carry its JSON. Reading and writing files is not done here.
+prepare_data.py trains it once and saves it as tokenizer.json; data.py loads that file and
+encodes sentences with it (encode_texts), and every checkpoint carries a copy of its JSON.
 """
 import heapq
 from collections import Counter, defaultdict
 
-import numpy as np
-import torch
-
 
 def learn_word_pieces(word_counts, size):
-    """BPE merges over word counts, '##' marking a piece inside a word, as the WordPiece
-    trainer of `tokenizers` does. That trainer breaks ties between equally frequent pairs
-    (and numbers its tokens) in hash-map order, which changes from process to process: the
-    same texts gave different vocabularies, hence different shards. Here the most frequent
-    pair wins and ties go to the smaller pair, so the vocabulary depends on the texts alone."""
+    """The word pieces that BPE merges learn from word counts, with '##' marking a piece inside
+    a word, as the WordPiece trainer of `tokenizers` does. That trainer breaks ties between
+    equally frequent pairs (and numbers its tokens) in hash-map order, which changes from
+    process to process: the same texts gave different vocabularies, and so different shards.
+    Here the most frequent pair wins and a tie goes to the smaller pair, so the vocabulary
+    depends on the texts alone."""
     words = sorted(word_counts)
     freq = [word_counts[word] for word in words]
     words = [[word[0]] + ["##" + char for char in word[1:]] for word in words]
@@ -72,8 +68,10 @@ def learn_word_pieces(word_counts, size):
 
 
 def train_tokenizer(train_texts, vocab_size):
-    """WordPiece, lowercase, trained on the train texts only: val and test words it never
-    saw become [UNK] or word pieces, as they would for a new user's sentence."""
+    """A lowercase WordPiece tokenizer trained on the train texts only: val and test words that
+    it never saw become [UNK] or word pieces, as they would in a new user's sentence. Returns
+    {"json": the tokenizer as a JSON string}."""
+    # imported here for start-up time: only this step of prepare_data.py needs it
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -90,24 +88,3 @@ def train_tokenizer(train_texts, vocab_size):
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
     return {"json": tokenizer.to_str()}
-
-
-def encode_texts(tokenizer, texts, max_len):
-    """Tokenize sentences -> input_ids int32 [N, max_len] (0 = pad, right-padded), lengths int16 [N]."""
-    input_ids, lengths, _ = encode_counted(tokenizer, texts, max_len)
-    return input_ids, lengths
-
-
-def encode_counted(tokenizer, texts, max_len):
-    """encode_texts, plus each sentence's token count before the cut (a list of N ints): a
-    count above max_len is a sentence the model reads only the start of."""
-    encodings = tokenizer.encode_batch(list(texts))
-    input_ids = np.zeros((len(encodings), max_len), dtype=np.int32)
-    lengths = np.zeros(len(encodings), dtype=np.int16)
-    for row, encoding in enumerate(encodings):
-        # truncate: max_len keeps nearly every tweet whole
-        ids = encoding.ids[:max_len]
-        input_ids[row, : len(ids)] = ids
-        lengths[row] = len(ids)
-    counts = [len(encoding.ids) for encoding in encodings]
-    return torch.from_numpy(input_ids), torch.from_numpy(lengths), counts

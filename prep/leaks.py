@@ -1,7 +1,7 @@
-"""Are two splits sharing faces? Near-copies across train, val and test, found by a
+"""Do two splits share faces? The audit finds near-copies across train, val and test by a
 perceptual hash of every image and of its mirror.
 
-    import leaks
+    from prep import leaks
     # images {split: uint8 [N,S,S]}, files {split: [file names]}
     report, near = leaks.audit(images, files)
     copied = leaks.copied_from_earlier(near)    # what --dedupe drops
@@ -13,18 +13,18 @@ measures memory as much as recognition. prepare_data.py runs this audit on every
 (about 10 s for the real 42k images) and `--dedupe` drops what it finds: the val images
 with a near-copy in train, and the test images with one in train or in val.
 
-The hash (pHash, at 256 bits): the 16x16 lowest frequencies of the image's 2-D DCT, one
-bit each, set when the coefficient is above the image's median. Scaling the brightness
-scales every coefficient and moves no bit; JPEG noise lives in the high frequencies that
-are left out. Why 16x16 and not the usual 8x8: face crops are aligned to one shape (the
-synthetic faces share one template), and at 64 bits distinct synthetic faces collide
-(21,106 of 8 million pairs of 4,000 faces within 4 bits, some at 0; at 256 bits the
-closest of those pairs was 20 bits apart).
+The hash (pHash, at 256 bits) has one bit for each of the 16x16 lowest frequencies of the
+image's 2-D DCT, set when the coefficient is above the image's median. Scaling the
+brightness scales every coefficient and moves no bit; JPEG noise lives in the high
+frequencies, which are left out. The hash uses 16x16 frequencies, not the usual 8x8, because
+face crops are aligned to one shape (the synthetic faces share one template), and at 64
+bits distinct synthetic faces collide (21,106 of 8 million pairs of 4,000 faces were within
+4 bits, some at 0; at 256 bits the closest of those pairs was 20 bits apart).
 
-The threshold, measured at the real size (30,002 train faces; 10,535 distinct val and test
-faces and 1,169 planted copies: `prepare_data.py --source synthetic --synthetic-images
-4286,1072,600 --synthetic-copies 0.1`), as the recall (%) of each kind of copy and the
-distinct faces paired with a train face:
+The threshold was measured at the real size (30,002 train faces; 10,535 distinct val and
+test faces and 1,169 planted copies: `prepare_data.py --source synthetic --synthetic-images
+4286,1072,600 --synthetic-copies 0.1`). The table gives the recall (%) of each kind of copy
+and the number of distinct faces paired with a train face:
 
     threshold        6     8    10    12    14    16
     brightness    96.9  99.0  99.5  99.5   100   100     (exact, mirrored: 100 at every one)
@@ -42,8 +42,8 @@ import numpy as np
 
 # 16x16 DCT frequencies -> 256 bits, four uint64 words per image
 HASH_SIZE = 16
-# Hamming distance at or below which two images are near-copies: measured (the table above;
-# tests/test_leaks.py holds it to recall >= 95 % and no distinct pair).
+# The Hamming distance at or below which two images are near-copies, as measured in the table
+# above (tests/test_leaks.py holds it to a recall of at least 95 % and no distinct pair).
 THRESHOLD = 12
 # (earlier, later): each later split is searched for copies of the earlier one
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
@@ -78,7 +78,7 @@ def nearest(later, earlier, earlier_mirrored, block=64):
     candidates = np.concatenate([earlier, earlier_mirrored]).T.copy()
     distance = np.empty(len(later), dtype=np.int64)
     index = np.empty(len(later), dtype=np.int64)
-    # (block, 2M) distances at a time: 30 MB at the real size
+    # (block, 2M) distances at a time, 30 MB at the real size
     for start in range(0, len(later), block):
         part = later[start:start + block]
         hamming = np.zeros((len(part), candidates.shape[1]), dtype=np.uint16)
@@ -93,7 +93,7 @@ def nearest(later, earlier, earlier_mirrored, block=64):
 def pick_examples(found, count=EXAMPLES):
     """Up to `count` pairs spread evenly from the closest to the most distant, so that a look
     at them shows whether the threshold is right (borderline pairs included)."""
-    found = sorted(found, key=lambda pair: pair["distance"])  # stable: ties keep split order
+    found = sorted(found, key=lambda pair: pair["distance"])  # a stable sort: ties keep the split order
     if len(found) <= count:
         return found
     return [found[i] for i in np.linspace(0, len(found) - 1, count).round().astype(int)]
@@ -123,7 +123,7 @@ def audit(images, files, threshold=THRESHOLD):
 
 
 def leak_fraction(leaked):
-    """The share of test images (bool [N], True where leaked) with a near-copy, 4 decimals."""
+    """The share of test images (bool [N], True where leaked) with a near-copy, rounded to 4 decimals."""
     return round(float(leaked.mean()) if len(leaked) else 0.0, 4)
 
 

@@ -1,4 +1,4 @@
-"""Seeded synthetic stand-in for the real data: cartoon faces and template sentences.
+"""A seeded synthetic stand-in for the real data: cartoon faces and template sentences.
 
     python prepare_data.py --source synthetic                    # ~2.8k images, 6k texts
     python prepare_data.py --source synthetic --synthetic-images 4286,1072,600 \
@@ -9,16 +9,17 @@ it is the same code for every source:
     dest/images/{train,val,test}/{angry,...,surprise}/NNNNN.png   75x75 grayscale faces
     dest/texts.csv                                                text,label (ids 0..5)
 
-Each class moves brows, eyes and mouth its own way (the action units of the
-expression), scaled by a random intensity so weak expressions of neighbouring classes
-overlap; pose, scale, lighting and noise vary per image; about 10 % of sentences carry
-a wrong label. A small model learns it on a CPU in a minute but is not at 100 % after
-one epoch. Every image has its own seed, so images can be drawn in any order (or
-process) and the output is the same.
+Each class moves the brows, eyes and mouth in its own way (the action units of the
+expression), scaled by a random intensity so that weak expressions of neighbouring classes
+overlap; pose, scale, lighting and noise vary from image to image; about 10 % of the
+sentences carry a wrong label. A small model learns it on a CPU in a minute but is not at
+100 % after one epoch. Every image has its own seed, so images can be drawn in any order
+(or in any process) and the output stays the same.
 
-`copies` plants near-copies of train faces in val and test, as an augment-then-split data
-set has them (exact, mirrored, brightness +-10 %, JPEG re-encoded, shifted 1-3 px, rotated
-2-5 degrees, in turn), and lists them in dest/planted.csv: the leak audit's test bed.
+`copies` plants near-copies of train faces in val and test, as a data set that was
+augmented before it was split has them (exact, mirrored, brightness +-10 %, JPEG
+re-encoded, shifted 1-3 px, rotated 2-5 degrees, in turn), and lists them in
+dest/planted.csv; the tests of the leak audit check that it finds them.
 """
 import csv
 import io
@@ -33,10 +34,11 @@ SPLITS = ("train", "val", "test")
 # faces are drawn at twice the output size and halved: cheap anti-aliasing
 CANVAS = 150
 
-# Expression at full intensity, as offsets from a neutral face (canvas pixels; y grows
-# downwards, so a negative brow offset raises the brow). Keys: inner/outer brow end
-# heights, eye opening (x neutral), mouth corner lift, mouth opening, mouth width
-# (x neutral), upper-lip raise on one side, nose wrinkle strength.
+# Each expression at full intensity, as offsets from a neutral face (in canvas pixels; y
+# grows downwards, so a negative brow offset raises the brow). The keys are the heights of
+# the inner and outer brow ends, the eye opening (times the neutral one), the lift of the
+# mouth corners, the mouth opening, the mouth width (times the neutral one), the raise of
+# the upper lip on one side, and the strength of the nose wrinkles.
 NEUTRAL = dict(brow_in=0.0, brow_out=0.0, eye=1.0, smile=0.0, mouth_open=0.0,
                mouth_width=1.0, lip_raise=0.0, wrinkle=0.0)
 EXPRESSIONS = {
@@ -180,7 +182,7 @@ def face_image(seed, class_index):
 
 
 def near_copy(face, kind, rng):
-    """uint8 [S,S] -> the same face after one augmentation of COPY_KINDS, parameters from `rng`."""
+    """uint8 [S,S] -> the same face after one augmentation of COPY_KINDS, its parameters drawn from `rng`."""
     if kind == "exact":
         return face.copy()
     if kind == "mirrored":
@@ -191,7 +193,7 @@ def near_copy(face, kind, rng):
         encoded = io.BytesIO()
         Image.fromarray(face).save(encoded, format="JPEG", quality=int(rng.integers(70, 96)))
         return np.array(Image.open(encoded))
-    # 1-3 px in x and/or y, the border repeated into the gap
+    # a shift of 1-3 px in x, in y or in both, with the border repeated into the gap
     if kind == "shift":
         dy, dx = rng.choice([d for d in np.ndindex(7, 7) if d != (3, 3)])
         size = face.shape[0]
@@ -214,9 +216,9 @@ def _write_face(job):
 
 def write_texts(path, count, seed):
     """`count` tweet-like sentences as a `text,label` CSV with integer labels 0..5."""
-    rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own, apart from images
+    rng = np.random.default_rng([seed, len(SPLITS)])  # a random stream of its own, apart from the images'
     labels = rng.choice(len(TEXT_LABELS), size=count, p=TEXT_SHARES)
-    # Every choice drawn up front, one array per slot: 10x faster than a draw per slot and row.
+    # Every choice is drawn up front, one array per slot: 10x faster than one draw per slot and row.
     slots = [TEMPLATES, ABOUT, EVENTS, OPENERS, ENDINGS]
     template, about, event, opener, ending = (
         rng.integers(len(options), size=count) for options in slots)
@@ -238,7 +240,7 @@ def write_texts(path, count, seed):
 
 def plan_faces(dest, seed, images_per_class, copies):
     """One job per face: (path, seed, class, copy). The first `copies` fraction of each val
-    and test class folder are near-copies of train faces of the class, kinds in turn."""
+    and test class folder are near-copies of train faces of the same class, the kinds in turn."""
     jobs = []
     planted = []
     for split_index, (split, count) in enumerate(zip(SPLITS, images_per_class)):

@@ -1,16 +1,16 @@
-"""Where the raw data comes from: the Kaggle downloads, local copies in every layout
-users have, and the synthetic generator; and the raw data read into train, val and test
-(every image decoded, val carved from train where a layout has none; the texts cleaned and
-split 70/15/15). prepare_data.py pairs, tokenizes and writes them; this module only
-downloads, generates and reads.
+"""Where the raw data come from, and how they are read into train, val and test: the Kaggle
+downloads, local copies in every layout that users have, and the synthetic generator. Every
+image is decoded, and val is carved from train where a layout has none; the texts are
+cleaned and split 70/15/15. prepare_data.py pairs, tokenizes and writes what this module
+reads.
 
-Image trees: `split/class/*.png` (the balanced RAF-DB set and FER2013 on Kaggle; class
-folder names in any case, with aliases) or plain RAF-DB's `DATASET/{train,test}/{1..7}`.
-Text files: `text,label` CSV with or without a leading index column, or dair-ai
-`text;label` lines; labels as ids 0..5 or as names; each line UTF-8 or (spreadsheet
-exports) cp1252.
-Never data: anything under __MACOSX/ (macOS zips put a `._name` shadow of every file
-there) and dot-files (`._name`, `.DS_Store`, `.ipynb_checkpoints/`).
+Image trees are `split/class/*.png` (the balanced RAF-DB set and FER2013 on Kaggle; the
+class folder names may be in any case and use aliases) or plain RAF-DB's
+`DATASET/{train,test}/{1..7}`. Text files are `text,label` CSVs, with or without a leading
+index column, or dair-ai `text;label` lines; the labels are ids 0..5 or names; each line is
+UTF-8 or cp1252 (which spreadsheets export).
+Everything under __MACOSX/ (macOS zips put a `._name` shadow of every file there) and every
+dot-file (`._name`, `.DS_Store`, `.ipynb_checkpoints/`) is skipped: they are never data.
 """
 import contextlib
 import csv
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-import synthetic
 from data import CLASSES, SPLITS
 from images import read_image
+from prep import synthetic
 from runtime import DataError, atomic_dir
 
 # The face data sets on Kaggle (prepare_data.py --faces): RAF-DB as the reference used it
@@ -42,7 +42,7 @@ FOLDER_NAMES = {"angry": "Angry", "anger": "Angry", "disgust": "Disgust", "fear"
                 "sadness": "Sad", "surprise": "Surprise", "surprised": "Surprise"}
 RAFDB_IDS = {"1": "Surprise", "2": "Fear", "3": "Disgust", "4": "Happy", "5": "Sad",
              "6": "Angry", "7": "Neutral"}  # plain RAF-DB's numeric class folders
-TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # ids 0..5 in the CSVs
+TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # the label ids 0..5 of the CSVs
 TEXT_TO_CLASS = {"sadness": "Sad", "joy": "Happy", "love": "Happy", "anger": "Angry",
                  "fear": "Fear", "surprise": "Surprise"}
 
@@ -56,8 +56,8 @@ def digest(*parts):
 
 
 def kaggle_api():
-    """The official client, authenticated. Imported here, not at the top: `import kaggle`
-    authenticates at import time and prints its own help when that fails."""
+    """The official client, authenticated. It is imported here, not at the top, because
+    `import kaggle` authenticates at import time and prints its own help when that fails."""
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -89,8 +89,8 @@ def kaggle_download(slug, raw_dir):
 
 
 def synthetic_raw(raw_dir, seed, images_per_class, texts, copies):
-    """Generate the synthetic raw layout once per (seed, sizes, planted copies)."""
-    # the generator's own source is part of the key: a changed generator regenerates
+    """Generate the synthetic raw layout once for each seed, size and fraction of planted copies."""
+    # the generator's own source is part of the key, so a changed generator draws the data again
     key = digest("synthetic", seed, images_per_class, texts, copies,
                  hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest())
     dest = Path(raw_dir) / "synthetic"
@@ -121,8 +121,8 @@ def find_text_file(folder):
 
 
 def find_image_root(image_dir):
-    """The folder that holds the split folders (downloads often nest it one or two deep;
-    a zip's __MACOSX/ copy of the tree is not it)."""
+    """The folder that holds the split folders. Downloads often nest it one or two folders
+    deep; a zip's __MACOSX/ copy of the tree is skipped."""
     for depth in range(4):
         for folder in sorted([Path(image_dir)] if depth == 0 else
                              (p for p in Path(image_dir).glob("*/" * depth) if is_data(p, image_dir))):
@@ -163,7 +163,7 @@ def decode_text(path):
     start) when it decodes so, else as cp1252, which spreadsheets save and which also reads
     Latin-1. Line by line: one pasted cp1252 line must not send the whole file through
     cp1252, which turns every emoji and accent of the UTF-8 lines into mojibake ('cafÃ©').
-    A line that neither decodes is an error that names the bad byte."""
+    A line that decodes as neither is an error that names the bad byte."""
     raw = Path(path).read_bytes()
     # keepends: the lines join back to the file's own bytes. Neither encoding has a byte
     # 0x0a or 0x0d inside a character, so no character is cut in two.
@@ -202,8 +202,8 @@ def describe_encoding(counts):
 
 
 def read_texts(path):
-    """(texts, label names, lines per encoding) from `text,label` CSV (with or without a
-    leading index column) or dair-ai `text;label` lines. Labels are ids 0..5 or names."""
+    """(texts, label names, lines per encoding) from a `text,label` CSV (with or without a
+    leading index column) or from dair-ai `text;label` lines. Labels are ids 0..5 or names."""
     content, encoding = decode_text(path)
     # newline="": the csv module sees line ends as stored
     with io.StringIO(content, newline="") as f:
@@ -225,7 +225,7 @@ def read_texts(path):
     for text, label in rows:
         label = label.strip().lower()
         name = TEXT_LABELS[int(label)] if label.isdigit() and int(label) < len(TEXT_LABELS) else label
-        # an empty row is dropped, not judged
+        # an empty row is dropped, whatever its label
         if text.strip() and name not in TEXT_TO_CLASS:
             mapping = ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(TEXT_LABELS))
             raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
@@ -251,9 +251,9 @@ def take(split, rows):
 
 
 def read_images(listing, root, size, seed):
-    """Decode every file; unreadable ones are skipped and named. No val split: carve 15 % of
-    train, stratified and seeded (plain RAF-DB and FER2013 have only train and test). Each
-    image keeps its file name (relative to `root`) for the leak audit."""
+    """Decode every file; unreadable files are skipped and named. Without a val split, 15 % of
+    train becomes val, stratified and seeded (plain RAF-DB and FER2013 have only train and
+    test). Each image keeps its file name (relative to `root`) for the leak audit."""
     result = {}
     skipped = []
     for split, files in listing.items():
@@ -285,8 +285,8 @@ def read_images(listing, root, size, seed):
 
 
 def split_texts(path, seed):
-    """Normalize, drop empty rows and exact duplicates (before splitting, so no sentence is
-    in two splits), then split 70/15/15 stratified by label."""
+    """Normalize the whitespace, drop empty rows and exact duplicates (before splitting, so that
+    no sentence is in two splits), then split 70/15/15, stratified by label."""
     texts, labels, encoding = read_texts(path)
     seen = set()
     clean = []
