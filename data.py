@@ -1,15 +1,14 @@
-"""The prepared data set in memory: shards, the text pool, batches, the feature cache.
+"""The prepared data set in memory: shards, the text pool, batches, the feature cache, and
+sentences encoded into token ids.
 
     from data import load_split, Batches
     train = load_split("data/processed", "train")
     for batch in Batches(train, batch_size=64, device="cpu", shuffle=True):
         logits = model(batch["input_ids"], batch["lengths"], images=batch["images"])
 
-prepare_data.py writes data/processed; this module only reads it (and writes the feature
-cache under data/cache). The whole data set is a few hundred MB of uint8, so it lives in
-memory and is served without a DataLoader (as cifar10-airbench does), in three parts as
-torch's data tools divide the work: which rows make a batch (BatchOrder), how a batch is
-assembled (Batches), how it reaches the device (DeviceFeed). No model, no file helper here.
+prepare_data.py writes data/processed. The whole data set is a few hundred MB of uint8, so it
+stays in memory and is served without a DataLoader, as in cifar10-airbench: BatchOrder picks the
+rows of each batch, Batches assembles a batch, and DeviceFeed moves its images to the device.
 """
 import hashlib
 import json
@@ -17,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from distributed import broadcast, gather
-from runtime import DataError, atomic_write, autocast, fits_on_device, one_line, progress
+from runtime import DataError, atomic_write, autocast, broadcast, fits_on_device, gather, one_line, progress
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
 # bump when the shard layout changes; readers refuse other versions
@@ -32,10 +31,14 @@ SPLITS = ("train", "val", "test")
 BLANK_PIXEL = 128
 
 
-def _load(path):
+def _found(path):
     if not path.exists():
         raise DataError(f"{path} not found: run `python prepare_data.py` first (or pass --data)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def _load(path):
+    blob = torch.load(_found(path), map_location="cpu", weights_only=True)
     if blob.get("version") != FORMAT_VERSION:
         raise DataError(f"{path} has format version {blob.get('version')}, this code reads "
                         f"{FORMAT_VERSION}: rerun `python prepare_data.py --force`")
@@ -43,30 +46,23 @@ def _load(path):
 
 
 def load_meta(processed_dir):
-    path = Path(processed_dir) / "meta.json"
-    if not path.exists():
-        raise DataError(f"{path} not found: run `python prepare_data.py` first (or pass --data)")
-    return json.loads(path.read_text())
+    return json.loads(_found(Path(processed_dir) / "meta.json").read_text())
 
 
 def load_tokenizer(processed_dir):
     from tokenizers import Tokenizer
-    path = Path(processed_dir) / "tokenizer.json"
-    if not path.exists():
-        raise DataError(f"{path} not found: run `python prepare_data.py` first (or pass --data)")
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_file(str(_found(Path(processed_dir) / "tokenizer.json")))
 
 
 def load_split(processed_dir, split):
     """All shards of one split concatenated: images uint8 [N,S,S], labels int64 [N],
-    input_ids int32 [N,L], lengths int16 [N]. meta.json names the shards: it is written
+    input_ids int32 [N,L], lengths int16 [N]. meta.json names the shards and is written
     last, so a half-written data set is never read."""
     meta = load_meta(processed_dir)
     if meta.get("version") != FORMAT_VERSION or split not in meta.get("shards", {}):
         raise DataError(f"{processed_dir}/meta.json is from another version of this project: "
                         "rerun `python prepare_data.py --force`")
-    names = meta["shards"][split]
-    shards = [_load(Path(processed_dir) / name) for name in names]
+    shards = [_load(Path(processed_dir) / name) for name in meta["shards"][split]]
     keys = ("images", "labels", "input_ids", "lengths")
     return {key: torch.cat([shard[key] for shard in shards]) for key in keys}
 
@@ -78,9 +74,9 @@ def load_text_pool(processed_dir):
 
 
 def redraw_texts(split, text_pool, generator):
-    """A random pool text of each image's class -> (input_ids [N,L], lengths [N]). Classes
-    without texts (Disgust and Neutral under --unpaired random) get any text, so the text
-    carries no signal for them (the reference re-draws texts every epoch)."""
+    """A random pool text of each image's class -> (input_ids [N,L], lengths [N]), as the
+    reference draws texts again every epoch. A class without texts (Disgust and Neutral under
+    --unpaired random) gets any text, so that the text carries no signal for it."""
     labels = split["labels"]
     choice = torch.empty(len(labels), dtype=torch.long)
     for cls in labels.unique().tolist():
@@ -94,16 +90,12 @@ def redraw_texts(split, text_pool, generator):
 
 
 class BatchOrder:
-    """Which rows make each batch, in which order, and which of them are this rank's (a batch
-    sampler, as torch.utils.data's BatchSampler and DistributedSampler divide that work).
-
-    Shuffled (training): a seeded permutation grouped into batches of similar text length, and
-    under torchrun every rank draws the same batches and is dealt its rows of each one
-    (`batch_size` is the global batch): rank r takes rows r, r + W, r + 2W, ... A batch is sorted
-    by text length, so a dealt slice spans the batch's lengths, where a contiguous one would hold
-    only its short or only its long texts. A last batch too small to give every rank a row is
-    dropped (under torchrun only). In order (evaluation): each rank a contiguous share of the rows.
-    """
+    """Which rows make each batch, and which of them are this rank's (torch's BatchSampler and
+    DistributedSampler in one). Shuffled (training): under torchrun every rank draws the same
+    batches (`batch_size` is the global batch) and rank r takes rows r, r + W, r + 2W, ... of each.
+    A batch is sorted by text length, so these rows span its lengths, where a contiguous slice would
+    hold only its short or only its long texts. A last batch too small to give every rank a row is
+    dropped. In order (evaluation): each rank takes a contiguous part of the rows."""
 
     def __init__(self, n, batch_size, *, shuffle, rank=0, world_size=1):
         self.n = n
@@ -119,14 +111,13 @@ class BatchOrder:
         return batches - (0 < self.n % self.batch_size < self.world_size)
 
     def _share(self):
-        """This rank's contiguous share of the row indices (all of them on one process)."""
+        """This rank's contiguous part of the row indices (all of them on one process)."""
         return torch.arange(self.n).tensor_split(self.world_size)[self.rank]
 
     def _bucketed(self, lengths, generator):
-        """Shuffled batches of similar text length: sort each window of 32 batches by length,
-        cut it into batches, shuffle the batches. Padding is trimmed per batch, so this removes
-        most of the Transformer's work on pad tokens (tweets run from 3 to 64 tokens) while every
-        epoch still sees a new random grouping."""
+        """Shuffled batches of similar text length. Padding is trimmed per batch, so this skips
+        most of the Transformer's work on pad tokens (tweets run from 3 to 64 tokens); sorting
+        only within windows of 32 batches keeps a new random grouping every epoch."""
         order = torch.randperm(self.n, generator=generator)
         window = 32 * self.batch_size
         batches = []
@@ -146,13 +137,10 @@ class BatchOrder:
 
 
 class DeviceFeed:
-    """How the image side of each batch reaches the device, the step never waiting for the host.
-
-    The sources (dicts of [R, ...] tensors) move to the device once when they fit there
-    (`on_device=None`: when they leave a margin of free memory) and each batch is gathered on the
-    device. Otherwise each batch is gathered on the host into one pinned buffer, reused every
-    step, and copied without blocking; a CUDA event says when the last copy has left it.
-    """
+    """Moves the image side of each batch to the device without making the step wait for the host.
+    The sources (dicts of [R, ...] tensors) move to the device once when they fit there, and each batch
+    is gathered on the device; otherwise each batch is gathered on the host into one reused pinned
+    buffer and copied without blocking."""
 
     def __init__(self, sources, device, batch_size, on_device=None):
         self.device = device
@@ -167,11 +155,11 @@ class DeviceFeed:
         self.copied = None
 
     def gather(self, rows):
-        """`rows` of every source, on the device: `rows` on the device when the sources are."""
+        """`rows` of every source, on the device; `rows` are on the device when the sources are."""
         if self.on_device:
             return {k: v.index_select(0, rows) for k, v in self.sources.items()}
         if self.copied is not None:
-            # the previous batch has left the buffer (not: its step has run)
+            # wait until the previous batch has left the pinned buffer (not until its step has run)
             self.copied.synchronize()
         batch = {}
         for k, v in self.sources.items():
@@ -185,14 +173,11 @@ class DeviceFeed:
 
 
 class Batches:
-    """One split served in batches, all randomness from one seeded generator.
-
-    Each pass (epoch) draws, in this order, a text for every image from `text_pool`, a flip
-    coin per image, and the batches (BatchOrder). `features` replaces images with cached trunk
-    features, dicts of [V,N,...] where V=2 holds the mirrored images' too. The image side goes
-    through a DeviceFeed; text, lengths and labels move once an epoch. `global_size`: the whole
-    batch's size, for the loss's mean. `generator.get_state()` after a pass is all a resume needs.
-    """
+    """One split served in batches. Each pass (epoch) draws, in this order, a text for every image
+    from `text_pool`, a coin flip per image, and the batches, all from one seeded generator, so
+    `generator.get_state()` after a pass is all that a resume needs. `features` (cached trunk
+    features, dicts of [V,N,...], where V = 2 adds the mirrored images) replaces the images. A
+    batch's `global_size` is the size of the whole batch over all ranks, for the mean of the loss."""
 
     def __init__(self, split, batch_size, device, *, features=None, shuffle=False,
                  flip=False, text_pool=None, seed=0, rank=0, world_size=1, on_device=None):
@@ -236,13 +221,11 @@ class Batches:
         for idx, global_size in mine:
             at = slice(start, start + len(idx))
             start += len(idx)
-            # trim padding to the longest row, read from the host copy: no sync
+            # trim padding to the longest row, read from the host copy so that it does not sync
             width = max(int(lengths[idx].max()), 1)
             here = epoch["order"][at]
-            batch = {"input_ids": epoch["input_ids"][here, :width].long(),
-                     "lengths": epoch["lengths"][here],
-                     "labels": epoch["labels"][here],
-                     "global_size": global_size}
+            batch = {"input_ids": epoch["input_ids"][here, :width].long(), "lengths": epoch["lengths"][here],
+                     "labels": epoch["labels"][here], "global_size": global_size}
             image_side = self.feed.gather(epoch["rows"][at] if self.feed.on_device else rows[at])
             if self.cached:
                 batch["image_features"] = image_side
@@ -254,9 +237,8 @@ class Batches:
 
 
 def _load_features(path, shape, warn=True):
-    """The cache file at `path`, memory-mapped (pages are read as batches touch them, and
-    processes share them); a file that does not load is deleted, said in one line (when
-    `warn`): None."""
+    """The cache file at `path`, memory-mapped: pages are read as batches touch them, and processes
+    share them. A file that does not load is deleted (with a one-line warning when `warn`) -> None."""
     try:
         features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         found = {key: tuple(value.shape[:2]) for key, value in features.items()}
@@ -280,17 +262,16 @@ def _process_group():
 
 
 def _check_ranks(failure, what):
-    """Every rank passes its own failure (None, or one line); when any rank's is not None, every
-    rank raises one DataError naming each failed rank. One process raises at once instead."""
+    """Every rank passes its own failure (None or one line). When any rank failed, every rank raises
+    one DataError that names each failed rank."""
     failed = [f"rank {rank}: {failure}" for rank, failure in enumerate(gather(failure)) if failure is not None]
     if failed:
         raise DataError(f"{what} failed on {'; '.join(failed)}. No cache was written: fix it and run again")
 
 
 def _node_writes(write):
-    """`write()` on the first process of each node (LOCAL_RANK 0), which keeps the node's copy of
-    the cache -> None, or its failure in one line (a --cache-dir under a file, a full disk: torch.save
-    says the latter with a RuntimeError), for _check_ranks, on one process as on many."""
+    """`write()` on the first process of each node (LOCAL_RANK 0), which keeps the node's copy of the cache
+    -> None, or its failure in one line (a --cache-dir under a file, a full disk) for _check_ranks."""
     if int(os.environ.get("LOCAL_RANK", 0)) != 0:
         return None
     try:
@@ -301,20 +282,18 @@ def _node_writes(write):
 
 
 def _compute(model, images, views, device, amp, batch_size, show_progress):
-    """Every view's features, float16 {name: [V*N, ...]} (row v*N + i: image i, mirrored when v = 1).
-
-    Under torchrun each rank computes a contiguous share of the batches one process would
-    compute (the same batches, so the same numbers), rank 0 the largest, and then sends its rows
-    to every other rank. The ranks compare notes after each turn, so a failure on any rank stops
-    every rank within one batch, not at a collective's timeout."""
+    """Every view's features, float16 {name: [V*N, ...]}; row v*N + i is image i, mirrored when v = 1.
+    Under torchrun each rank computes a contiguous part of the batches that one process would compute
+    (so the numbers are the same) and sends its rows to the others. The ranks share their failures after
+    each batch, so a failure on any rank stops every rank at once, not at a collective's timeout."""
     rank, world_size = _process_group()
     mixed_precision, _ = autocast(device, amp)
     n = len(images)
-    # (view, first image) of each batch, and each rank's contiguous share of them
+    # (view, first image) of each batch, and each rank's contiguous part of them (rank 0's is the longest)
     steps = [(view, i) for view in range(views) for i in range(0, n, batch_size)]
     shares = [steps[part[0]:part[-1] + 1] if len(part) else [] for part in
               torch.arange(len(steps)).tensor_split(world_size)]
-    # NHWC convolutions run faster on tensor cores; same numbers
+    # NHWC convolutions run faster on tensor cores, with the same numbers
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     model.eval()
@@ -331,7 +310,7 @@ def _compute(model, images, views, device, amp, batch_size, show_progress):
                 for name, value in values.items():
                     if name not in features:
                         features[name] = torch.empty((views * n, *value.shape[1:]), dtype=torch.float16)
-                    # cast to float16, copied to the host
+                    # cast to float16 and copied to the host
                     features[name][view * n + i:view * n + i + len(batch)] = value
             except Exception as err:
                 if world_size == 1:
@@ -339,7 +318,7 @@ def _compute(model, images, views, device, amp, batch_size, show_progress):
                 failure = one_line(err)
         _check_ranks(failure, "building the feature cache")
     if world_size > 1:
-        # the rows [first, end) each share filled: steps are view-major, so a share's rows are one run
+        # steps are view-major, so the rows that each rank filled are one run [first, end)
         bounds = [(share[0][0] * n + share[0][1], share[-1][0] * n + min(share[-1][1] + batch_size, n))
                   for share in shares if share]
         _exchange(features, bounds, device)
@@ -347,10 +326,9 @@ def _compute(model, images, views, device, amp, batch_size, show_progress):
 
 
 def _exchange(features, bounds, device):
-    """Each rank's rows [first, end) (`bounds`, one pair a rank that computed any) broadcast from
-    it into every other rank's copy: one broadcast a rank and feature. NCCL moves device tensors
-    only, so there a share travels through the device, one at a time."""
-    # rank 0 computed the first batch: the names and shapes every rank allocates
+    """Broadcasts each rank's rows [first, end) (`bounds`: one pair per rank that computed any) into
+    every other rank's copy. NCCL moves only device tensors, so there each part travels through the device."""
+    # rank 0 computed the first batch, so it knows the names and shapes that every rank allocates
     shapes = broadcast({name: tuple(value.shape) for name, value in features.items()})
     for name, shape in shapes.items():
         if name not in features:
@@ -365,20 +343,15 @@ def _exchange(features, bounds, device):
 
 def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batch_size=256,
                     show_progress=True):
-    """Trunk features of every image (and of its mirror when `flips`), computed once.
+    """Trunk features of every image (and of its mirror when `flips`), computed once -> (features, path).
 
-    A frozen trunk makes the features a pure function of (image bytes, trunk weights,
-    preprocessing) and of the arithmetic: `amp` (as train.py's --amp) and the device kind
-    (CUDA runs fp32 convolutions in TF32) change the numbers, so all of these make the cache
-    key and a stale cache cannot be read. Stored as float16 [V,N,...] (V = 2 with flips):
-    half the memory of fp32, and its relative error (~5e-4) is far below what training notices.
-
-    Under torchrun (a process group initialized) every rank calls this. When every rank finds
-    the file in its own cache_dir they read it; else they build it together (_compute: each
-    rank a share, sent to the others through the process group), and the first process of each
-    node (LOCAL_RANK 0) writes its node's copy, so nodes need no shared disk; on a shared one
-    they write the same bytes, each through its own temporary name. A failure on any rank ends
-    every rank with one DataError line. Returns (features, path).
+    A frozen trunk makes the features a pure function of the image bytes, the trunk weights, the
+    preprocessing and the arithmetic: `amp` and the device kind (CUDA runs fp32 convolutions in
+    TF32) change the numbers, so all of them make the cache key and a stale cache is never read.
+    Stored as float16 [V,N,...]: half the memory of fp32, with a relative error (about 5e-4) far
+    below what training notices. Under torchrun every rank calls this: the ranks read their own
+    copies, or compute the features together and the first process of each node writes its node's
+    copy, so nodes need no shared disk. A failure on any rank ends every rank with one DataError line.
     """
     device = torch.device(device)
     _, dtype = autocast(device, amp)
@@ -389,7 +362,6 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     shape = (2 if flips else 1, len(images))
     rank, _ = _process_group()
     features = _load_features(path, shape, warn=rank == 0) if path.exists() else None
-    # Every rank reads its copy, or they all build it again, together.
     found = gather((path.name, features is not None))
     if len({name for name, _ in found}) > 1:
         raise DataError(f"the ranks' feature cache keys differ ({', '.join(name for name, _ in found)}): "
@@ -402,9 +374,30 @@ def cached_features(model, images, cache_dir, device, *, flips, amp="auto", batc
     features = {name: value.unflatten(0, shape) for name, value in features.items()}
 
     def write():
-        # a killed or concurrent run never leaves a half-written cache
         with atomic_write(path) as tmp:
             torch.save(features, tmp)
 
     _check_ranks(_node_writes(write), "writing the feature cache")
     return features, path
+
+
+def encode_texts(tokenizer, texts, max_len):
+    """Tokenize sentences -> input_ids int32 [N, max_len] (0 = pad, right-padded), lengths int16 [N].
+    prepare_data.py and the recognizer both encode here, so a user's sentence is read as the training texts were."""
+    input_ids, lengths, _ = encode_counted(tokenizer, texts, max_len)
+    return input_ids, lengths
+
+
+def encode_counted(tokenizer, texts, max_len):
+    """encode_texts, plus the number of tokens in each sentence before the cut (a list of N ints):
+    a count above max_len means that the model reads only the start of that sentence."""
+    encodings = tokenizer.encode_batch(list(texts))
+    input_ids = np.zeros((len(encodings), max_len), dtype=np.int32)
+    lengths = np.zeros(len(encodings), dtype=np.int16)
+    for row, encoding in enumerate(encodings):
+        # truncate: max_len keeps nearly every tweet whole
+        ids = encoding.ids[:max_len]
+        input_ids[row, : len(ids)] = ids
+        lengths[row] = len(ids)
+    counts = [len(encoding.ids) for encoding in encodings]
+    return torch.from_numpy(input_ids), torch.from_numpy(lengths), counts

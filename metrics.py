@@ -7,8 +7,7 @@
     calibrated = temper(result["log_probs"], temperature)
 
 train.py validates and evaluate.py tests with the same evaluate() (nanoGPT's estimate_loss),
-so the two can never disagree on what a score means. Torch and numpy only: scikit-learn's
-report and the results CSV are evaluate.py's; the batches are data.py's.
+so the two can never disagree on what a score means.
 """
 import math
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ from runtime import DataError, atomic_write
 RESAMPLES = 1000
 ECE_BINS = 15
 # The search range of fit_temperature: far past any temperature a trained model needs
-# (Guo et al. report 1.1 to 3.5), and finite where val NLL falls without end (all right).
+# (Guo et al. report 1.1 to 3.5), and finite where the val NLL falls without end (every pair right).
 TEMPERATURE_RANGE = (0.01, 100.0)
 
 
@@ -35,10 +34,9 @@ def class_counts(labels, preds, num_classes):
 
 
 def scores(labels, preds, num_classes, averaged=None):
-    """Accuracy and macro-F1, as training, validation, testing and the bootstrap all report them.
-    Macro-F1 is the mean over the class ids `averaged` (scikit-learn's labels=, zero_division=0),
-    all C where None: a class the model never predicts counts as 0 even where a batch holds none
-    of it. A user's labelled set passes the classes in its labels (see evaluate.py)."""
+    """Accuracy and macro-F1. Macro-F1 is the mean F1 over the class ids `averaged` (scikit-learn's labels=,
+    zero_division=0), or over all C classes when None; a class that is neither in the labels nor
+    predicted counts as 0. evaluate.py passes the classes present in a user's labelled set."""
     true, predicted, hits = class_counts(labels, preds, num_classes)
     f1 = np.divide(2 * hits, true + predicted, out=np.zeros(num_classes), where=true + predicted > 0)
     return {"accuracy": float(hits.sum() / len(labels)),
@@ -58,8 +56,7 @@ def summarize(log_probs, labels):
 
 @torch.no_grad()
 def evaluate(model, batches, mixed_precision=nullcontext()):
-    """Loss, accuracy, macro-F1, per-class recall, predictions and log-probabilities of `model`
-    over `batches`. The one metric function: train.py validates with it, evaluate.py tests with it."""
+    """Loss, accuracy, macro-F1, per-class recall, predictions and log-probabilities of `model` over `batches`."""
     model.eval()
     log_probs = []
     labels = []
@@ -101,11 +98,10 @@ def temper(logits, temperature):
 
 
 def fit_temperature(logits, labels, bounds=TEMPERATURE_RANGE, steps=60):
-    """The one temperature T > 0 that minimises the NLL of softmax(logits / T) over `labels`
-    (temperature scaling: Guo et al., 2017), fitted on val after training. `logits` [N,C]
-    may be log-probabilities (see temper). The NLL is convex in 1/T, so it has one minimum
-    along log T: a golden-section search over log T within `bounds` finds it without
-    gradients or a learning rate, and the same inputs give the same T on any machine."""
+    """The temperature T > 0 that minimises the NLL of softmax(logits / T) over `labels` (temperature
+    scaling: Guo et al., 2017), fitted on val after training; `logits` [N,C] may be log-probabilities.
+    The NLL is convex in 1/T, so it has one minimum along log T: a golden-section search over log T finds
+    it without gradients or a learning rate, and the same inputs give the same T on any machine."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(labels) == 0:
         raise DataError("cannot fit a temperature on an empty val split: prepare the data again "
@@ -115,7 +111,7 @@ def fit_temperature(logits, labels, bounds=TEMPERATURE_RANGE, steps=60):
     def nll(log_t):
         return F.cross_entropy(logits / math.exp(log_t), labels).item()
 
-    # the golden ratio's inverse: each step reuses one probe and makes one new
+    # the inverse of the golden ratio: each step reuses one probe and computes one new one
     shrink = (math.sqrt(5) - 1) / 2
     low = math.log(bounds[0])
     high = math.log(bounds[1])
@@ -141,11 +137,10 @@ def fit_temperature(logits, labels, bounds=TEMPERATURE_RANGE, steps=60):
 
 
 def ablations(model, split, features, scored, seed=0):
-    """Scores with one input taken away, for the inputs `model` reads. The empty text and
-    the blank image are inputs a fused model never saw in training, so their rows also measure
-    its reaction to something new; the shuffled rows (real sentences, or real faces, each beside
-    another pair's, seeded) keep the inputs' kind and remove only their pairing.
-    `scored(split, features)` is score() with everything else fixed."""
+    """Scores with one input taken away, for each input that `model` reads; `scored(split, features)`
+    scores a split with everything else fixed. A fused model never saw the empty text or the blank
+    image in training, so those rows also measure its reaction to something new; the shuffled rows
+    (each real sentence or face beside another pair's, seeded) keep the inputs and remove only the pairing."""
     rows = {}
     order = torch.randperm(len(split["labels"]), generator=torch.Generator().manual_seed(seed))
     if model.uses_text:
@@ -164,8 +159,8 @@ def ablations(model, split, features, scored, seed=0):
 
 
 def blank_features(model, split):
-    """The blank face's features laid out as the cache holds them, float16 [2,N,...] on the
-    CPU: every pair and its mirror (a blank image is its own mirror) share one view."""
+    """The blank face's features laid out as the cache holds them, float16 [2,N,...] on the CPU
+    (a blank image is its own mirror, so both views share it)."""
     features = model.image_encoder.blank_features(split["images"].shape[-1])
     return {k: v.cpu().half().expand(2, len(split["labels"]), *v.shape[1:]) for k, v in features.items()}
 
@@ -180,8 +175,7 @@ def plot_curves(rows, path):
     for ax, metric in zip(axes, ["loss", "accuracy"]):
         for split in ("train", "val"):
             ax.plot(epochs, [float(r[f"{split}_{metric}"]) for r in rows], marker=".", label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+        ax.set(xlabel="epoch", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

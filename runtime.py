@@ -1,15 +1,16 @@
-"""Run-time helpers every script shares: the error a user can act on, atomic files, the
-device and precision choice, and progress lines.
+"""Run-time helpers that every script shares: the error a user can act on, atomic files,
+the device and precision choice, progress lines, and torchrun.
 
     from runtime import DataError, atomic_write, pick_device, autocast, progress
     device = pick_device("auto")                   # CUDA when present, else the CPU
     mixed_precision, dtype = autocast(device, "auto")
     with atomic_write("out/log.csv") as tmp:       # readers never see a half-written file
         tmp.write_text(text)
-
-It holds no model, no data and no metric: those live in models.py, data.py and metrics.py.
+    data = from_master(path.read_bytes)            # read on rank 0, its bytes (or its error) on every rank
 """
 import argparse
+import csv
+import io
 import os
 import secrets
 import shutil
@@ -18,7 +19,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 
 class DataError(ValueError):
@@ -36,18 +40,16 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 @contextmanager
 def atomic_write(path):
     """Yield a temporary name beside `path`; it replaces `path` only when the block ends
-    without an error, so no reader (or later run) ever sees a half-written file, even after a
-    power cut: the file reaches the disk before the rename, and the rename after it."""
+    without an error, so no reader (or later run) ever sees a half-written file."""
     path = Path(path)
-    # A folder unique to the process: two runs writing one file (a shared data/cache) never
-    # write into each other's temporary file; the last os.replace wins, whole. The file
-    # keeps its own name inside it, because torch.save records the name in its bytes.
+    # A folder unique to the process, so two runs writing one file (a shared data/cache) never write into
+    # each other's temporary file. The file keeps its own name, because torch.save records it in its bytes.
     folder = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
     folder.mkdir(parents=True)
     try:
         yield folder / path.name
-        # Without this a rename can reach the disk before the data: after a power cut some
-        # file systems (XFS among them) show a zero-length file.
+        # The data reaches the disk before the rename: otherwise, after a power cut, some file
+        # systems (XFS among them) show a zero-length file.
         with open(folder / path.name, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(folder / path.name, path)
@@ -110,7 +112,7 @@ def positive_int(value):
 
 
 def unit_fraction(value):
-    """argparse type: a number in [0, 1) (a dropout probability, an EMA decay)."""
+    """argparse type: a number in [0, 1) (a dropout probability)."""
     number = float(value)
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
@@ -140,12 +142,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast(device, amp="auto"):
-    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the device
-    computes it natively: a GPU of compute capability 8.0 on (A100, RTX 30xx and later), or a
-    CPU with AVX512-BF16 or AMX (there a fine-tuning step runs 1.5x and a Model B step on cached
-    features 2.6x an fp32 one, at the same accuracy: docs/speed.md). fp16 on older GPUs (T4,
-    V100: their bf16 is emulated and cuDNN has no bf16 convolutions; train.py adds a
-    GradScaler), and off on other CPUs (emulated bf16 is slower than fp32)."""
+    """Mixed precision context -> (context, dtype or None). 'auto' is bf16 where the device computes
+    it natively: a GPU of compute capability 8.0 or later (A100, RTX 30xx), or a CPU with AVX512-BF16
+    or AMX, where a step runs 1.5 to 2.6 times as fast as in fp32 at the same accuracy (docs/speed.md).
+    It is fp16 on older GPUs such as the T4 and V100, whose bf16 is emulated and whose cuDNN has no bf16
+    convolutions (train.py adds a GradScaler), and off on other CPUs, where emulated bf16 is slower."""
     device = torch.device(device)
     if amp == "auto":
         if device.type == "cuda":
@@ -167,9 +168,9 @@ def fits_on_device(tensors, device, margin=0.25):
 
 
 def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
-    """Iterate over `items` (a sized iterable) showing progress: a tqdm bar on a terminal;
-    otherwise (`nohup make train > log`) a plain line at most every `every` seconds with
-    done/total, rate and ETA, where a bar would write a stream of carriage returns."""
+    """Iterate over `items` (a sized iterable) with a tqdm bar on a terminal. Elsewhere (`nohup make train > log`)
+    a bar would write a stream of carriage returns, so a plain line with done/total, rate and ETA appears
+    at most every `every` seconds."""
     if not enabled:
         yield from items
         return
@@ -189,3 +190,84 @@ def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
             print(f"{desc}: {done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {eta // 60:.0f} min "
                   f"{eta % 60:02.0f} s", flush=True)
             last = now
+
+
+def read_log(path):
+    """A run's log.csv as a list of rows (dicts of strings). A last row without its newline was
+    cut short by a crash and is dropped, not read."""
+    text = Path(path).read_text()
+    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
+
+
+# torchrun sets RANK and WORLD_SIZE (the nanoGPT way: no launcher of our own). A process started
+# alone is rank 0 of 1, where the functions below do nothing. train.py starts the process group.
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+# Rank 0, the master, alone prints and writes the run's files.
+MASTER = RANK == 0
+
+
+def gather(value):
+    """[value of rank 0, value of rank 1, ...]: every rank calls it and gets the list."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast(value, src=0):
+    """Rank `src`'s value, on every rank: every rank calls it, and only `src`'s value matters."""
+    if not dist.is_initialized():
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=src)
+    return values[0]
+
+
+def from_master(work):
+    """`work()` on rank 0 alone, and its value (or the error it raised) on every rank: the run's files are on
+    rank 0's node, and a failure there must end every rank, not rank 0 alone while the others wait."""
+    value = None
+    error = None
+    if MASTER:
+        try:
+            value = work()
+        except Exception as err:
+            error = err
+    value, error = broadcast((value, error))
+    if error is not None:
+        raise error
+    return value
+
+
+def all_ranks(labels, preds, loss_sum):
+    """(labels, preds, summed loss) of one rank's samples -> those of every rank's samples."""
+    parts = gather((labels, preds, loss_sum))
+    labels = np.concatenate([part[0] for part in parts])
+    preds = np.concatenate([part[1] for part in parts])
+    return labels, preds, sum(part[2] for part in parts)
+
+
+def sync_batchnorm(model, device_type, world_size=WORLD_SIZE):
+    """SyncBatchNorm for a trunk that trains under DDP on GPUs: each step normalizes with the statistics
+    of the whole global batch, and every rank's running statistics move alike. On CPU tensors torch's
+    SyncBatchNorm raises ("SyncBatchNorm expected input tensor to be on GPU"), so there the ranks agree
+    through average_batchnorm_buffers instead. A frozen trunk's BatchNorm never trains."""
+    if device_type == "cuda" and world_size > 1 and model.cfg.finetune:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def average_batchnorm_buffers(model):
+    """For CPU (gloo) runs whose trunk trains: sets every rank's BatchNorm running statistics to their mean
+    over the ranks, so that all ranks evaluate and save one model. DDP only copies rank 0's buffers at the
+    start of a forward, and each rank then updates them from its own slice."""
+    if not dist.is_initialized() or not model.cfg.finetune:
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world_size

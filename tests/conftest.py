@@ -14,8 +14,7 @@ sys.path.insert(0, str(ROOT))  # the scripts are flat modules at the repo root
 import prepare_data  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
-from checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, load_checkpoint, save_checkpoint
 
 # 7 classes x (60 train, 20 val, 20 test) faces, 2400 sentences: big enough to learn from
 SYNTHETIC = ["--source", "synthetic", "--synthetic-images", "60,20,20", "--synthetic-texts", "2400",

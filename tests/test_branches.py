@@ -7,10 +7,10 @@ import torch
 
 import evaluate
 import train
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from conftest import TINY, resave
 from data import load_meta, load_tokenizer
-from training import make_optimizer
+from train import make_optimizer
 
 
 def built(argv, processed):
@@ -96,15 +96,16 @@ def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed
 def test_text_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, processed, tmp_path, capsys):
     source = runs / "model_b" / "best.pt"
     argv = ["--model", "b"]
+    sizes = []
     if problem == "image-only":
         source = resave(source, tmp_path / "image.pt", modality="image")
     elif problem == "other model":
         argv = ["--model", "a"]
     else:
-        argv += ["--heads", "2"]
+        sizes = ["--layers", "2"]  # after TINY's --layers 1
     run = tmp_path / "runs"
     assert train.main([*argv, "--text-from", str(source), "--data", str(processed), "--out", str(run),
-                       "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY]) == 2
+                       "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY, *sizes]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--text-from" in err and err.startswith("error:"), err
     assert not run.exists()

@@ -1,4 +1,4 @@
-"""Tests for checkpoints.py: a round trip from another directory, atomic saves that refuse
+"""Tests for the checkpoints (models.py): a round trip from another directory, atomic saves that refuse
 what weights_only cannot load, one clear line for every unusable checkpoint, compatibility
 with the data, and checkpoints from older versions.
 
@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 
-import checkpoints
-from checkpoints import CheckpointError
+import models
+from models import CheckpointError
 from data import CLASSES
 from test_models import VOCAB, batch, small_model
 
@@ -26,7 +26,7 @@ def tokenizer_json(size=VOCAB):
 def save(path, model, **overrides):
     fields = dict(tokenizer_json=tokenizer_json(), classes=CLASSES, image_size=75, metrics={"val_macro_f1": 0.5},
                   args={"lr": 1e-4, "model": "b"}, train_state={"epoch": 3, "rng": torch.get_rng_state()})
-    checkpoints.save_checkpoint(path, model, **(fields | overrides))
+    models.save_checkpoint(path, model, **(fields | overrides))
 
 
 def test_checkpoint_round_trip_from_another_directory(tmp_path, monkeypatch):
@@ -39,7 +39,7 @@ def test_checkpoint_round_trip_from_another_directory(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    loaded, tokenizer, info = checkpoints.load_checkpoint(path)
+    loaded, tokenizer, info = models.load_checkpoint(path)
     assert not loaded.training and loaded.cfg == model.cfg
     assert info["classes"] == CLASSES and info["metrics"] == {"val_macro_f1": 0.5}
     assert info["train_state"]["epoch"] == 3 and info["args"]["lr"] == 1e-4 and "torch" in info["versions"]
@@ -93,28 +93,28 @@ def test_bad_checkpoints_get_one_clear_line(tmp_path):
         target = tmp_path / f"{name.replace(' ', '_')}.pt"
         write(target)
         with pytest.raises(CheckpointError, match=message) as caught:
-            checkpoints.load_checkpoint(target)
+            models.load_checkpoint(target)
         assert "\n" not in str(caught.value) and str(target) in str(caught.value), name
 
 
 def test_check_compatible_refuses_other_classes_tokenizers_sizes_and_lengths(tmp_path):
     save(tmp_path / "best.pt", small_model("b"))
-    _, _, info = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    _, _, info = models.load_checkpoint(tmp_path / "best.pt")
     same = Tokenizer.from_str(tokenizer_json())
     meta = {"classes": CLASSES, "image_size": 75, "max_len": 16}
-    checkpoints.check_compatible(info, same, meta)
+    models.check_compatible(info, same, meta)
     five = ["Angry", "Fear", "Happy", "Sad", "Surprise"]
     with pytest.raises(CheckpointError, match="classes"):
-        checkpoints.check_compatible(info, same, meta | {"classes": five})
+        models.check_compatible(info, same, meta | {"classes": five})
     other_vocab = {"[PAD]": 0, "[UNK]": 1} | {f"v{i}": i for i in range(2, VOCAB)}
     other = Tokenizer(WordPiece(other_vocab, unk_token="[UNK]"))
     with pytest.raises(CheckpointError, match="tokenizer"):
-        checkpoints.check_compatible(info, other, meta)
+        models.check_compatible(info, other, meta)
     with pytest.raises(CheckpointError, match="--image-size 75"):
-        checkpoints.check_compatible(info, same, meta | {"image_size": 100})
+        models.check_compatible(info, same, meta | {"image_size": 100})
     # Longer sequences than Model B's position table: one line, not a ValueError from inside the model.
     with pytest.raises(CheckpointError, match="--max-len 16"):
-        checkpoints.check_compatible(info, same, meta | {"max_len": 64})
+        models.check_compatible(info, same, meta | {"max_len": 64})
 
 
 def test_checkpoints_from_before_modality_and_augment_still_load(tmp_path):
@@ -123,11 +123,11 @@ def test_checkpoints_from_before_modality_and_augment_still_load(tmp_path):
     checkpoint = torch.load(tmp_path / "old.pt", weights_only=True)
     del checkpoint["config"]["modality"], checkpoint["config"]["augment"]
     torch.save(checkpoint, tmp_path / "old.pt")
-    loaded, _, _ = checkpoints.load_checkpoint(tmp_path / "old.pt")
+    loaded, _, _ = models.load_checkpoint(tmp_path / "old.pt")
     assert loaded.cfg.modality == "both" and loaded.cfg.augment is False
     text_only = small_model("b", modality="text").eval()  # and a model without a trunk round-trips
     save(tmp_path / "text.pt", text_only)
-    reloaded, _, _ = checkpoints.load_checkpoint(tmp_path / "text.pt")
+    reloaded, _, _ = models.load_checkpoint(tmp_path / "text.pt")
     ids, lengths, images = batch()
     with torch.no_grad():
         assert torch.equal(loaded(ids, lengths, images=images), model(ids, lengths, images=images))

@@ -84,7 +84,8 @@ def test_ranks_are_dealt_rows_of_the_same_global_batches(processed):
 
 def test_batches_on_the_meta_device_put_lengths_there_too(processed):
     split = load_split(processed, "val")
-    features = {"pooled": torch.zeros(1, len(split["labels"]), 8), "regions": torch.zeros(1, len(split["labels"]), 4, 8)}
+    n = len(split["labels"])
+    features = {"pooled": torch.zeros(1, n, 8), "regions": torch.zeros(1, n, 4, 8)}
     batch = next(iter(Batches(split, 16, "meta", features=features)))
     assert batch["image_features"]["regions"].device.type == "meta"
     assert batch["image_features"]["regions"].shape == (16, 4, 8)

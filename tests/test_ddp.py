@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from conftest import ROOT, TINY
 from data import Batches, load_split
 from metrics import evaluate
@@ -113,7 +113,7 @@ def test_no_train_flag_is_a_prefix_of_a_torchrun_option():
 
 
 def test_the_cuda_path_converts_a_training_trunk_to_syncbatchnorm():
-    from distributed import sync_batchnorm
+    from runtime import sync_batchnorm
     from test_models import small_model
     with torch.device("meta"):
         finetuned = small_model("b", finetune=True)
@@ -135,7 +135,7 @@ import sys
 import torch
 sys.path.insert(0, {root!r})
 import train
-from distributed import RANK
+from runtime import RANK
 
 def save(run_dir, run, improved, about, device):
     state = {{name: value.clone() for name, value in run.model.state_dict().items()}}

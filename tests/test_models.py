@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
-import training  # noqa: E402
+import train  # noqa: E402
 
 VOCAB = 50
 
@@ -81,7 +81,7 @@ def test_frozen_trunk_stays_put_and_a_fine_tuned_one_moves(arch):
     batch_norms = [m for m in finetuned.image_encoder.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [(m.running_mean.clone(), m.running_var.clone()) for m in batch_norms]
     kernel = finetuned.image_encoder.trunk[0].weight.detach().clone()
-    optimizer = torch.optim.AdamW(training.parameter_groups(finetuned, 1e-3, 0.01, backbone_lr_scale=0.1))
+    optimizer = torch.optim.AdamW(train.parameter_groups(finetuned, 1e-3, 0.01, backbone_lr_scale=0.1))
     finetuned(ids, lengths, images=images).sum().backward()
     assert all(p.grad is not None for p in trunk_parameters(finetuned))
     optimizer.step()
@@ -297,7 +297,7 @@ def test_text_only_model_ignores_the_image_and_has_no_trunk(arch):
 @pytest.mark.parametrize("arch", ["a", "b"])
 def test_parameter_groups_decay_only_matrices_and_slow_the_trunk(arch):
     model = small_model(arch, finetune=True)
-    groups = training.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    groups = train.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
     assert [g["name"] for g in groups] == ["head", "head no decay", "trunk", "trunk no decay"]
     where = {id(p): g for g in groups for p in g["params"]}
     assert len(where) == sum(len(g["params"]) for g in groups)  # no parameter twice
@@ -311,7 +311,7 @@ def test_parameter_groups_decay_only_matrices_and_slow_the_trunk(arch):
         trunk = group["name"].startswith("trunk")
         assert group["lr"] == group["base_lr"] == pytest.approx(1e-4 if trunk else 1e-3)
         assert all((id(p) in {id(q) for q in trunk_parameters(model)}) == trunk for p in group["params"])
-    frozen = training.parameter_groups(small_model(arch), lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    frozen = train.parameter_groups(small_model(arch), lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
     assert [g["name"] for g in frozen] == ["head", "head no decay"]
-    assert training.default_backbone_lr_scale(small_config(arch)) == 1.0  # a random trunk
-    assert training.default_backbone_lr_scale(small_config(arch, pretrained=True)) == 0.1
+    assert train.default_backbone_lr_scale(small_config(arch)) == 1.0  # a random trunk
+    assert train.default_backbone_lr_scale(small_config(arch, pretrained=True)) == 0.1

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import training  # noqa: E402
+import train  # noqa: E402
 from data import Batches, cached_features  # noqa: E402
 from runtime import DataError, autocast  # noqa: E402
 from test_models import VOCAB, small_model  # noqa: E402
@@ -140,7 +140,7 @@ def test_cuda_steps_never_sync(arch, tmp_path):
     split = synthetic_split(n=96, length=24)
     features, _ = cached_features(model, split["images"], tmp_path, device, flips=True, show_progress=False)
     batches = Batches(split, 32, device, features=features, shuffle=True, flip=True)
-    groups = training.parameter_groups(model, 1e-3, 0.01, backbone_lr_scale=1.0)
+    groups = train.parameter_groups(model, 1e-3, 0.01, backbone_lr_scale=1.0)
     optimizer = torch.optim.AdamW(groups, fused=True)
     mixed_precision, dtype = autocast(device, "auto")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
