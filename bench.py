@@ -17,7 +17,7 @@ then --pairs's speed-up over the processes (whole processes both) and over the l
 start-up both).
 Inputs are random tensors of the real shapes (75x75 faces, tweets of up to 32 tokens):
 speed does not depend on what the pixels show, and the bench needs no data set. (d) reads
-synthetic faces (synthetic.py), since face detection's time does depend on the photo:
+synthetic faces (prep/synthetic.py), since face detection's time does depend on the photo:
 75 px crops as the data sets hold them, or with --photo-side S each face, enlarged to
 twice its size, in an S px frame; --api-model reads them at --api-input-size.
 The trunk is random (no download): the same FLOPs as the pretrained one.
@@ -37,15 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_checkpoint, save_checkpoint
-from data import Batches, cached_features
+from models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from data import Batches, cached_features, encode_texts
 from metrics import evaluate
-from models import ModelConfig, build_model
 from recognizer import EmotionRecognizer, predict
 from runtime import DataError, autocast, pick_device, positive_int, script_parser
-from synthetic import face_image
-from tokenizer import encode_texts
-from training import Run, make_optimizer, train_epoch
+from prep.synthetic import face_image
+from train import Run, make_optimizer, train_epoch
 
 ROOT = Path(__file__).parent
 

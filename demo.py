@@ -19,15 +19,15 @@ Probabilities are calibrated with the checkpoint's temperature; several checkpoi
 theirs. The default checkpoint is the best run under checkpoints/ on the data set trained last
 (fused first, then val macro-F1).
 
-Batch mode (--pairs, --images) writes one CSV row a face: the file, the face box, the label,
+Batch mode (--pairs, --images) writes one CSV row per face: the file, the face box, the label,
 the seven probabilities, the inputs read, whether the sentence was cut, and an error or a
 warning. In a pairs CSV either cell may be empty, and photo paths are relative to the CSV. A
 photo that cannot be read gets its reason in the error column and the run goes on. Rows are
 appended as their batch is done: run the same command again after a stop, and it goes on
 with the pairs not yet in --out. Each row keeps a key of what its answer depends on (the line,
 the photo's path and bytes, the sentence, the checkpoints): a run keeps only the rows that
-answer its own pairs as they are now, and predicts the rest. The prediction itself is
-recognizer.py's (the Python API).
+answer its own pairs as they are now, and predicts the rest. recognizer.py (the Python API)
+makes the predictions themselves.
 """
 import json
 import os
@@ -39,12 +39,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import CheckpointError, check_compatible
+from models import CheckpointError, check_compatible
 from data import load_meta, load_split, load_tokenizer
 from explain import pyplot, save_explanation
 from images import as_photo
-from pairs import PredictionsFile, folder_pairs, read_pairs
-from recognizer import BLANKS, EmotionRecognizer, default_checkpoint
+from recognizer import BLANKS, EmotionRecognizer, PredictionsFile, default_checkpoint, folder_pairs, read_pairs
 from runtime import DataError, atomic_write, pick_device, positive_int, progress, script_parser
 
 
@@ -65,7 +64,7 @@ def report(result, as_json, explanation):
 
 
 def show_examples(recognizer, count, data_dir, out, seed):
-    """A grid of random test pairs: face, sentence, true and predicted label."""
+    """Draw a grid of random test pairs: each face, its sentence, and the true and predicted labels."""
     plt = pyplot()
     data_tokenizer = load_tokenizer(data_dir)
     meta = load_meta(data_dir)
@@ -124,7 +123,7 @@ def build_parser():
     p.add_argument("--explain", metavar="PNG", help="also draw what the prediction rests on: face boxes, "
                    "a heatmap over the crop, each token's effect, the probabilities")
     p.add_argument("--no-detect", action="store_true",
-                   help="no face detection: the centre square is the face")
+                   help="do not look for faces: the centre square of each photo is its face")
     p.add_argument("--examples", type=positive_int, metavar="N",
                    help="instead of one prediction, draw N random test pairs with predictions into --out")
     p.add_argument("--pairs", metavar="CSV", help="predict every row of a CSV with the columns image,text "
@@ -135,7 +134,7 @@ def build_parser():
                    "--pairs or --images the predictions CSV: run again, it keeps the answers to these inputs "
                    "as they are now, drops the others and predicts the rest (default: predictions.csv)")
     p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="--pairs and --images: faces per forward pass")
+                   help="with --pairs or --images: the number of faces per forward pass")
     p.add_argument("--data", default="data/processed", help="the prepared data --examples draws from")
     p.add_argument("--seed", type=int, default=0, help="which test pairs --examples draws")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
@@ -170,13 +169,13 @@ def parse_args(argv=None):
 
 
 def predict_one(args, recognizer, photo):
-    """One pair: notes on stderr, then the answer (and --explain's figure)."""
+    """Predict one pair: print the notes on stderr, then the answer (and draw --explain's figure)."""
     result = recognizer.predict(image=photo, text=args.text)
     for line in recognizer.input_notes({"image": photo is not None, "text": args.text is not None}):
         print(line, file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    # before any output: a failed write leaves stdout empty
+    # the figure is written before any output, so that a failed write leaves stdout empty
     if args.explain:
         model, tokenizer, info = recognizer.members[0]
         probs = torch.tensor([result.probabilities[name] for name in recognizer.classes])
@@ -199,7 +198,7 @@ def tally(counts):
 
 
 def batch_notes(recognizer, pairs):
-    """On stderr, once for each kind of pair with one input (not once a row): how many, what
+    """On stderr, once for each kind of pair with one input (not once per row): how many, what
     the model reads in place of the other, and the warning of a model that never saw that."""
     kinds = Counter((pair.path is not None, pair.text is not None) for pair in pairs)
     warnings = {}
@@ -215,8 +214,8 @@ def batch_notes(recognizer, pairs):
 
 
 def predict_batch(args, recognizer, pairs):
-    """--pairs / --images: each pair's rows appended to --out as its batch is done, the pairs
-    already there skipped; a bad pair is a row with its error, and the run goes on."""
+    """--pairs or --images: append each pair's rows to --out as its batch is done, and skip the
+    pairs already there; a bad pair becomes a row with its error, and the run goes on."""
     failed = Counter()
     warned = Counter()
     rows = 0
@@ -261,7 +260,7 @@ def run(args):
     output = args.out if args.out else args.explain
     if output:
         check_writable(output)
-    # the inputs before the checkpoint: a bad photo or CSV is reported before seconds of loading
+    # the inputs are read before the checkpoint: a bad photo or CSV is reported before seconds of loading
     pairs = None
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)

@@ -12,8 +12,6 @@ the shaded sentence on one PNG, written atomically.
 
 Each explanation is a batch of predictions on changed inputs, made with the recognizer's
 `predict` (calibrated probabilities); demo.py imports `pyplot` from here for --examples.
-Not here: reading the photo and sentence (recognizer.PreparedPair, read here by attribute),
-choosing the checkpoint (recognizer.py), the command line and the printed report (demo.py).
 """
 import itertools
 import textwrap
@@ -27,7 +25,7 @@ from runtime import DataError, atomic_write
 
 # Model A's map: 7 x 7 patches, Model B's region grid at 224 px
 OCCLUSION_GRID = 7
-# the explain figure's sentence: characters a line, inches a line
+# the sentence in the explain figure: characters per line, and inches per line
 WRAP = 80
 LINE_INCHES = 0.27
 
@@ -43,7 +41,7 @@ def pyplot():
 @torch.inference_mode()
 def explain_text(model, crop, input_ids, length, target, device, *, temperature):
     """Leave-one-token-out in one batch: row 0 is the sentence, row 1 + i drops token i.
-    -> effect of each token on P(target) [n] (positive: it pushes towards target), and Model B's
+    -> the effect of each token on P(target) [n] (positive: it pushes towards target), and Model B's
     cross-attention on row 0 as a (g, g) map over the region grid (None without one)."""
     if length == 0 or not model.uses_text:
         return torch.zeros(0), None

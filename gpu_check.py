@@ -38,7 +38,7 @@ import demo
 import evaluate
 import prepare_data
 import train
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from runtime import atomic_write, script_parser
 
 ROOT = Path(__file__).resolve().parent

@@ -12,8 +12,8 @@
 prepare_data.py and the recognizer (recognizer.py, behind demo.py and evaluate.py --pairs)
 both read images here, so a photo and a training image are decoded the same way. The
 training faces are tight, aligned crops; a photo's face is cropped to match them before the
-model sees it. What happens to a face after
-that (preprocessing, the trunk) is the model's: models.ImageEncoder.
+model sees it. What happens to a face after that (preprocessing, the trunk) belongs to the
+model: models.ImageEncoder.
 """
 import functools
 import os
@@ -24,9 +24,9 @@ from runtime import DataError
 
 # Crop side = (1 + FACE_MARGIN) x the detector's box side, centred on the box, so that a
 # photo's face is cropped like the training faces. Measured on real faces: 700 FER2013
-# crops (50 a class from each of its train and test splits, seeded), each enlarged to
+# crops (50 per class from each of its train and test splits, seeded), each enlarged to
 # 150 px and pasted at a random place into a 450 px frame of its own edge pixels, then
-# asked back from detect_faces: 498 found (71 %: sad 59 %, happy 82 %), crop/box median
+# given to detect_faces: 498 found (71 %: sad 59 %, happy 82 %), crop/box median
 # 1.034 (quartiles 0.98-1.12), the box centred on the crop (offset < 0.01 box side);
 # enlarged to 100 and 200 px instead, the median was 1.03 and 1.05. Synthetic faces
 # measured the same way gave 1.35 (quartiles 1.26-1.44, 117 of 140 found): the generator
@@ -133,7 +133,7 @@ def read_image(path, size):
 
 @functools.cache
 def face_cascade():
-    """OpenCV's frontal-face cascade, read once a process: reading its XML takes about 8 ms, a
+    """OpenCV's frontal-face cascade, read once per process: reading its XML takes about 8 ms, a
     quarter of a detection on a 320 px photo, and a batch reads many photos."""
     import cv2
     return cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CASCADE))

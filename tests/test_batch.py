@@ -1,8 +1,14 @@
-"""demo.py --pairs and --images: one row a face, equal to single predictions; a bad row is a row
-with its reason and the run goes on; a bad CSV is one line naming its line; a stopped run keeps
-its rows and the same command goes on from there, nothing lost and nothing twice."""
+"""Batch mode. demo.py --pairs and --images write one row per face, equal to single predictions;
+a bad row is a row with its reason, and the run goes on; a bad CSV is one line that names its
+line; a stopped run keeps its rows, and the same command goes on from there, with nothing lost
+and nothing twice. The files of batch mode, tested without a model: the predictions file keeps
+the whole answers to the pairs as they are now, whatever a stopped run left (a row cut inside a
+quoted sentence, a character cut short, a header cut short), and each answer's key changes with
+what the answer depends on."""
+import codecs
 import csv
 import errno
+import io
 import json
 import shutil
 
@@ -11,10 +17,10 @@ import pytest
 from PIL import Image
 
 import demo
-import pairs as pairs_module
 import recognizer
 from data import CLASSES
-from recognizer import EmotionRecognizer
+from recognizer import EmotionRecognizer, Pair, PredictionsFile, answer_key, decoded, whole_rows
+from runtime import DataError
 from test_demo import PHOTO, predict_json, run_demo
 from test_recognizer import foreign_tokenizer, two_faces
 
@@ -46,7 +52,7 @@ def batch(capsys, checkpoint, *argv):
     return code, out.splitlines(), err
 
 
-def test_pairs_give_a_row_a_face_equal_to_single_predictions(runs, photos, tmp_path, capsys):
+def test_pairs_give_one_row_per_face_equal_to_single_predictions(runs, photos, tmp_path, capsys):
     checkpoint = runs / "model_b" / "best.pt"
     pairs = write_csv(tmp_path / "pairs.csv", [
         "image,text", "photos/one.jpg,what a day", "photos/two.png,so angry at everyone", ",i can't stop smiling",
@@ -93,7 +99,8 @@ def test_a_folder_of_photos_with_a_shared_sentence(runs, photos, tmp_path, capsy
     code, stdout, err = batch(capsys, runs / "model_a" / "best.pt", "--images", photos, "--text", "so happy",
                               "--out", out)
     written = rows(out)
-    assert code == 0 and [row["image"] for row in written] == ["notes.jpg", "one.jpg", "plain.png", "two.png", "two.png"]
+    assert code == 0
+    assert [row["image"] for row in written] == ["notes.jpg", "one.jpg", "plain.png", "two.png", "two.png"]
     assert {row["text"] for row in written} == {"so happy"} and {row["line"] for row in written} == {""}
     assert "not an image" in written[0]["error"] and written[1]["inputs"] == "image+text"
     assert stdout[-1].startswith(f"{out}: 4 pair(s) predicted, 5 row(s) written; 1 row(s) failed")
@@ -159,7 +166,8 @@ def same_rows(mine, theirs):
     """The same rows, their probabilities within 1e-5 (another batch, other float rounding)."""
     assert len(mine) == len(theirs)
     for row, other in zip(mine, theirs):
-        assert {k: v for k, v in row.items() if k not in CLASSES} == {k: v for k, v in other.items() if k not in CLASSES}
+        assert ({k: v for k, v in row.items() if k not in CLASSES}
+                == {k: v for k, v in other.items() if k not in CLASSES})
         assert [float(row[c] or 0) for c in CLASSES] == pytest.approx([float(other[c] or 0) for c in CLASSES], abs=1e-5)
 
 
@@ -315,7 +323,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_rows_written(runs, photos, tmp_pa
         file = real_open(path, mode, *args, **kwargs)
         return FullDisk(file) if "a" in mode else file
 
-    monkeypatch.setattr(pairs_module, "open", open_on_a_full_disk, raising=False)
+    monkeypatch.setattr(recognizer, "open", open_on_a_full_disk, raising=False)
     out = tmp_path / "predictions.csv"
     code, stdout, err = batch(capsys, checkpoint, "--pairs", pairs, "--out", out)
     assert code == 2 and stdout == [] and err == [f"error: cannot write {out}: No space left on device"]
@@ -338,3 +346,86 @@ def test_demo_with_an_ensemble(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         demo.parse_args(["--image", "x.jpg", "--explain", "x.png", "--checkpoint", "a.pt", "b.pt"])
     assert stop.value.code == 2
+
+
+# ---- the files of batch mode, without a model --------------------------------------
+
+def test_a_cut_text_is_read_to_its_last_whole_row():
+    records = [["line", "text"], ["2", "one\nline more"], ["3", 'a "quoted" word, and\r\na comma'],
+               ["", "a lone\rreturn"], ["", "\U0001F600 done"], ["4", ""]]
+    texts = []
+    for record in records:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\r\n").writerow(record)
+        texts.append(out.getvalue())
+    text = "".join(texts)
+    ends = [len("".join(texts[:count])) for count in range(len(texts) + 1)]
+    for cut in range(len(text) + 1):
+        count = max(count for count, end in enumerate(ends) if end <= cut)
+        assert whole_rows(text[:cut]) == (records[:count], text[:ends[count]]), cut
+
+
+def test_a_character_cut_short_at_the_end_is_dropped(tmp_path):
+    path = tmp_path / "cut.csv"
+    data = "a,b\r\n1,déjà \U0001F600".encode()
+    for cut in range(len(data) - 3, len(data)):  # inside the emoji's four bytes
+        path.write_bytes(data[:cut])
+        assert decoded(path, cut=True) == "a,b\r\n1,déjà "
+        with pytest.raises(DataError, match="line 2 is not UTF-8"):
+            decoded(path)
+    # a bad byte before the end is still one, and a byte-order mark does not move its line
+    path.write_bytes(codecs.BOM_UTF8 + b"a\n\xff\nb")
+    with pytest.raises(DataError, match="line 2 is not UTF-8 \\(byte 0xff\\)"):
+        decoded(path, cut=True)
+
+
+def test_the_key_changes_with_what_the_answer_depends_on(tmp_path):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"one photo")
+    pair = Pair(2, "a.jpg", photo, "hi")
+    key = answer_key(pair, "model")
+    assert answer_key(Pair(2, "a.jpg", photo, "hi"), "model") == key
+    others = {answer_key(other, "model") for other in (Pair(3, "a.jpg", photo, "hi"), Pair(2, "b/a.jpg", photo, "hi"),
+                                                       Pair(2, "a.jpg", photo, "ho"), Pair(2, "a.jpg", photo, None))}
+    others.add(answer_key(pair, "another model"))
+    photo.write_bytes(b"another photo")
+    others.add(answer_key(pair, "model"))
+    photo.unlink()
+    others.add(answer_key(pair, "model"))
+    assert len(others) == 7 and key not in others
+
+
+def test_the_predictions_file_keeps_the_whole_answers_to_these_pairs(tmp_path):
+    # error rows (one per pair) need no model
+    path = tmp_path / "predictions.csv"
+    pairs = [Pair(2, "", None, "one\nline more"), Pair(3, "", None, "two \U0001F600 more"), Pair(4, "", None, "three")]
+
+    def opened(these, model="model"):
+        """-> (todo, dropped) of the file opened for the pairs `these`."""
+        with PredictionsFile(path, CLASSES, these, model) as out:
+            return out.todo, out.dropped
+
+    with PredictionsFile(path, CLASSES, pairs, "model") as out:
+        assert out.todo == pairs and out.dropped == 0
+        for pair in pairs[:2]:
+            out.append(pair, DataError(f"failed on line {pair.line}"))
+    data = path.read_bytes()
+    header = data.index(b"\r\n") + 2
+    first = data.index(b"\r\n", data.index(b"line more")) + 2
+    assert opened(pairs) == (pairs[2:], 0) and path.read_bytes() == data
+    # cut after a newline inside the first sentence, inside the emoji, or inside the header
+    newline, emoji = data.index(b"one\n") + 4, data.index("\U0001F600".encode()) + 1
+    for cut, todo, kept in [(newline, pairs, header), (emoji, pairs[1:], first), (10, pairs, header)]:
+        path.write_bytes(data[:cut])
+        assert opened(pairs) == (todo, 0) and path.read_bytes() == data[:kept]
+    # another checkpoint: every answer dropped; another sentence: its answer dropped
+    path.write_bytes(data)
+    assert opened(pairs, "another model") == (pairs, 2) and path.read_bytes() == data[:header]
+    path.write_bytes(data)
+    edited = [pairs[0], Pair(3, "", None, "two, edited"), pairs[2]]
+    assert opened(edited) == (edited[1:], 1) and path.read_bytes() == data[:first]
+    # a file of another kind is refused, untouched
+    path.write_bytes(b"a,b\r\n1,2\r\n")
+    with pytest.raises(DataError, match="pass another --out"):
+        opened(pairs)
+    assert path.read_bytes() == b"a,b\r\n1,2\r\n"

@@ -14,7 +14,7 @@ import demo
 import recognizer
 from data import BLANK_PIXEL, CLASSES
 from images import detect_faces
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from conftest import resave
 from test_images import bomb_png
 

@@ -19,9 +19,8 @@ import metrics
 import prepare_data
 from conftest import SYNTHETIC, resave
 from data import Batches, cached_features, load_split
-from checkpoints import load_checkpoint
-from models import build_model
-from results import REFERENCE_COLUMNS, append_row, print_results
+from models import build_model, load_checkpoint
+from evaluate import REFERENCE_COLUMNS, append_row, print_results
 
 
 def rows(path):
@@ -160,34 +159,12 @@ def test_tta_averages_the_probabilities_of_an_image_and_its_mirror(runs, process
     # the cached path, as evaluate.py --tta runs it: the mirrors are the cache's variant 1
     features, _ = cached_features(model, split["images"], tmp_path / "cache", "cpu", flips=True,
                                   show_progress=False)
-    cached = evaluate.score(model, split, features, 256, "cpu", nullcontext(), tta="mirror")
+    cached = evaluate.score(model, split, features, 256, "cpu", nullcontext(), tta=True)
     assert torch.allclose(cached["log_probs"].exp(), expected, atol=2e-3)  # the cache is float16
     results = tmp_path / "r.csv"
     assert run_eval(runs / "model_a" / "best.pt", processed, results, "--tta") == 0
     assert rows(results)[0]["TTA"] == "mirror"
     assert float(rows(results)[0]["Test_Accuracy"]) == pytest.approx(cached["accuracy"], abs=1e-6)
-
-
-def test_tta_crops_averages_twelve_views_of_each_face(runs, processed, tmp_path):
-    model, _, _ = load_checkpoint(runs / "model_a" / "best.pt")
-    # 32 faces for the views taken by hand (each is a trunk pass); the command line scores them all
-    split = {key: value[:32] for key, value in load_split(processed, "test").items()}
-    crops = evaluate.crop_views(split["images"])
-    side = split["images"].shape[-1]
-    crop = round(evaluate.CROP_FRACTION * side)
-    assert len(crops) == 10 and all(view.shape == (len(split["labels"]), crop, crop) for view in crops)
-    # the centre crop, and the last: the mirror's bottom-right corner
-    middle = (side - crop) // 2
-    assert torch.equal(crops[0], split["images"][:, middle:middle + crop, middle:middle + crop])
-    assert torch.equal(crops[9], split["images"].flip(-1)[:, side - crop:, side - crop:])
-    views = [split, {**split, "images": split["images"].flip(-1)}] + [{**split, "images": c} for c in crops]
-    probs = torch.stack([metrics.evaluate(model, Batches(view, 256, "cpu"))["log_probs"].exp() for view in views])
-    scored = evaluate.score(model, split, None, 256, "cpu", nullcontext(), tta="crops")
-    assert torch.allclose(scored["log_probs"].exp(), probs.mean(0), atol=1e-5)
-    assert not torch.allclose(scored["log_probs"].exp(), probs[:2].mean(0), atol=1e-3)
-    results = tmp_path / "r.csv"
-    assert run_eval(runs / "model_a" / "best.pt", processed, results, "--tta", "crops") == 0
-    assert rows(results)[0]["TTA"] == "crops"
 
 
 def test_ablation_shows_what_the_text_is_worth(runs, processed, tmp_path, capsys):

@@ -15,11 +15,10 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 import evaluate
 import metrics
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from conftest import resave
 from data import Batches, load_split
-from pairs import LABELLED, read_pairs
-from recognizer import EmotionRecognizer
+from recognizer import LABELLED, EmotionRecognizer, read_pairs
 from test_demo import PHOTO
 from test_recognizer import foreign_tokenizer
 

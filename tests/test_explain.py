@@ -6,10 +6,10 @@ from PIL import Image
 
 import demo
 import explain
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from images import read_image
 from test_demo import PHOTO, predict_json
-from tokenizer import encode_texts
+from data import encode_texts
 
 
 @pytest.mark.parametrize("model", ["model_a", "model_b"])
@@ -65,6 +65,7 @@ def test_sentence_lines_wrap_and_show_where_the_sentence_was_cut():
     pieces = [piece for line in lines for piece in line]
     assert "".join(piece for piece, _ in pieces) == text[:49] + " |" + text[49:]
     styles = [style for _, style in pieces]
-    assert [style for style in styles if isinstance(style, float)] == pytest.approx(torch.linspace(-0.2, 0.2, 10).tolist())
+    effects = [style for style in styles if isinstance(style, float)]
+    assert effects == pytest.approx(torch.linspace(-0.2, 0.2, 10).tolist())
     cut = styles.index("cut")
     assert set(styles[cut + 1:]) == {"past"} and "past" not in styles[:cut]

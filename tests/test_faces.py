@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import load_checkpoint
+from models import load_checkpoint
 from conftest import FACE_SEEDS
 from data import Batches, cached_features, load_split
 from evaluate import run_amp

@@ -255,7 +255,8 @@ def test_random_views_at_chosen_parameters(monkeypatch):
     parameters[1, 2] = 0.0  # flip the second face
     views = models.random_views(x, 96)
     assert torch.allclose(views[0], resized[0], atol=1e-5) and torch.allclose(views[1], resized[1].flip(-1), atol=1e-5)
-    parameters[:, 2], parameters[0, 9] = 1.0, 0.0  # erase from the first face 25 % of the area, a square at the top left
+    # erase 25 % of the area from the first face, as a square at the top left
+    parameters[:, 2], parameters[0, 9] = 1.0, 0.0
     parameters[0, 5] = (0.25 - 0.02) / 0.31
     views = models.random_views(x, 96)
     assert torch.allclose(views[0, :, :48, :48], resized[0].mean().expand(1, 48, 48), atol=1e-5)

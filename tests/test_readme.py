@@ -1,9 +1,11 @@
-"""The README's commands: each one parses with its script's own parser, and no two recipes
-write into the same run folder or prepared-data folder; its Python snippet runs."""
+"""The README's commands and the Makefile's recipes: each one parses with its script's own
+parser, and no two recipes write into the same run folder or prepared-data folder; the
+README's Python snippet runs."""
 import contextlib
 import io
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -37,6 +39,43 @@ def readme_commands():
     return commands
 
 
+def makefile_commands(*targets):
+    """The `python SCRIPT.py ...` commands that `make -n -B TARGET` prints -> [(script, argv)]."""
+    printed = subprocess.run(["make", "--no-print-directory", "-n", "-B", *targets, "PYTHON=python",
+                              "FER=fer2013", "TEXTS=emotions.txt"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    commands = []
+    for line in printed.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = []
+        # the shell's ; || && end one command and start the next
+        for word in [*lexer, ";"]:
+            if word not in (";", "||", "&&"):
+                words.append(word)
+                continue
+            if words[:1] == ["do"]:
+                words = words[1:]
+            if len(words) > 1 and words[0] == "python" and words[1] in PARSERS:
+                commands.append((words[1], words[2:]))
+            words = []
+    return commands
+
+
+@pytest.mark.parametrize("script, argv", makefile_commands("fer", "quickstart"),
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else str(value))
+def test_each_makefile_recipe_command_parses(script, argv):
+    PARSERS[script](argv)
+
+
+def test_the_fer_recipe_trains_each_run_once_and_scores_it():
+    runs = [train.parse_args(argv)[0].run_name for script, argv in makefile_commands("fer") if script == "train.py"]
+    assert len(runs) == len(set(runs)) == 9
+    scoring = subprocess.run(["make", "-n", "fer-eval", "PYTHON=python"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    assert all(re.search(rf"\b{run}\b", scoring) for run in runs)
+
+
 def test_the_readme_has_commands_for_every_script():
     assert {script for script, _, _ in readme_commands()} == set(PARSERS)
 
@@ -68,7 +107,7 @@ def test_no_two_readme_recipes_write_the_same_folder():
 
 def test_the_python_snippet_runs(runs, tmp_path, monkeypatch):
     # where a clone has them: its runs under checkpoints/ and the test photo under tests/
-    section = (ROOT / "README.md").read_text().split("## Use it on your own data")[1]
+    section = (ROOT / "README.md").read_text().split("## The Python API and batch mode")[1]
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").symlink_to(runs)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import recognizer
-from checkpoints import CheckpointError, load_checkpoint
+from models import CheckpointError, load_checkpoint
 from conftest import resave
 from data import CLASSES
 from recognizer import EmotionRecognizer
@@ -68,7 +68,8 @@ def test_either_input_alone_and_neither(loaded):
     assert face_alone.inputs == ["image"] and len(face_alone.faces) == 1
     # what the missing input is: the blank face of the evaluation, read whole
     gray = np.full((75, 75), 128, np.uint8)
-    blank = EmotionRecognizer(model.members, model.paths, "cpu", detect=False).predict(image=gray, text="so happy today")
+    undetected = EmotionRecognizer(model.members, model.paths, "cpu", detect=False)
+    blank = undetected.predict(image=gray, text="so happy today")
     assert text_alone.probabilities == pytest.approx(blank.probabilities, abs=1e-6)
     for pair, words in [((None, None), "needs an image, a text or both"), ((None, "   "), "empty"),
                         ((PHOTO, 3), "int"), ((np.zeros((4, 4, 4), np.uint8), None), "must be uint8"),
@@ -199,7 +200,8 @@ def test_default_checkpoint_prefers_fused_models_and_says_why(tmp_path):
     # Issue 19: a text-only B run scoring higher than the fused one was picked.
     fake_run(tmp_path, "b_text", "b", [0.60], modality="text")
     fake_run(tmp_path, "a_image", "a", [0.70], modality="image")
-    assert recognizer.default_checkpoint(tmp_path)[1].startswith("Model A, image-only, val macro-F1 0.700: no fused run")
+    why = recognizer.default_checkpoint(tmp_path)[1]
+    assert why.startswith("Model A, image-only, val macro-F1 0.700: no fused run")
     fake_run(tmp_path, "a_fused", "a", [0.50])
     assert recognizer.default_checkpoint(tmp_path)[0] == str(tmp_path / "a_fused" / "best.pt")
     fake_run(tmp_path, "b_fused", "b", [0.55], modality="both")
