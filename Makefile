@@ -30,7 +30,7 @@ else
   TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
 endif
 
-.PHONY: install ready data train eval demo bench gpu-check test test-fast quickstart clean
+.PHONY: install ready data train eval demo bench gpu-check test test-fast quickstart fer fer-eval clean
 
 # .venv: made once, and the requirements installed again whenever requirements.txt changes.
 # A .venv without a working pip (made where python3-venv was missing) is removed, not reused.
@@ -108,6 +108,66 @@ quickstart: ready
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_a/best.pt $(QUICK_EVAL)
 	$(PYTHON) evaluate.py --checkpoint checkpoints/quickstart_b/best.pt $(QUICK_EVAL) --ablate
 	$(PYTHON) demo.py --checkpoint checkpoints/quickstart_b/best.pt --image tests/fixtures/astronaut.jpg --text "honestly i feel so happy and proud today" --explain results/explain.png
+
+# The FER2013 recipe on 2 CPU cores (README, "Real faces on a CPU"). No ImageNet weights
+# offline, so the trunk learns from random weights in stages: an image-only run fine-tunes it;
+# text-only runs train each model's text branch; the fused runs start from both and train on
+# the trunk's frozen, cached features. A run whose best.pt exists is not trained again.
+FER_DATA := data/fer
+FER_RUNS := checkpoints/fer
+FER_SEEDS := 0 1 2
+FER_PREPARE = $(PYTHON) prepare_data.py --image-dir $(FER) --text-csv $(TEXTS) --image-size 48 --raw-dir $(FER_DATA)/raw
+FER_TRAIN = $(PYTHON) train.py --data $(FER_DATA)/processed --out $(FER_RUNS) --no-pretrained --input-size 64 --cosine
+FER_FUSED = --trunk-from $(FER_RUNS)/a_image/best.pt --lr 5e-4 --warmup 200
+FER_FUSED_RUNS := $(foreach s,$(FER_SEEDS),a_fused_s$(s) b_fused_s$(s))
+FER_EVAL = $(PYTHON) evaluate.py --data $(FER_DATA)/processed --results results/fer.csv
+FER_DEDUPE = $(PYTHON) evaluate.py --data $(FER_DATA)/dedupe --results results/fer-dedupe.csv
+
+fer: $(FER_FUSED_RUNS:%=$(FER_RUNS)/%/best.pt) fer-eval
+
+$(FER_DATA)/processed/meta.json: $(SETUP)
+	@test -n "$(FER)" -a -n "$(TEXTS)" || { echo 'error: give both data sets: make fer FER=path/to/fer2013 TEXTS=path/to/emotions.txt' >&2; exit 2; }
+	$(FER_PREPARE) --out $(FER_DATA)/processed
+	$(FER_PREPARE) --out $(FER_DATA)/dedupe --dedupe
+
+$(FER_RUNS)/a_image/best.pt: $(FER_DATA)/processed/meta.json
+	$(FER_TRAIN) --model a --run-name a_image --modality image --finetune-backbone --overwrite \
+	  --epochs 20 --lr 1e-3 --warmup 300 --label-smoothing 0.1
+
+$(FER_RUNS)/a_text/best.pt: $(FER_DATA)/processed/meta.json
+	$(FER_TRAIN) --model a --run-name a_text --modality text --modality-dropout 0 --overwrite \
+	  --epochs 15 --lr 5e-4 --warmup 200 --label-smoothing 0.1 --batch-size 32 --embed-dropout 0.3
+
+$(FER_RUNS)/b_text/best.pt: $(FER_DATA)/processed/meta.json
+	$(FER_TRAIN) --model b --run-name b_text --modality text --modality-dropout 0 --overwrite \
+	  --epochs 10 --lr 5e-4 --warmup 200 --text-dropout 0.3 --embed-dropout 0.1
+
+$(FER_RUNS)/a_fused_s%/best.pt: $(FER_RUNS)/a_image/best.pt $(FER_RUNS)/a_text/best.pt
+	$(FER_TRAIN) --model a --run-name a_fused_s$* --seed $* $(FER_FUSED) --overwrite \
+	  --text-from $(FER_RUNS)/a_text/best.pt --epochs 5
+
+$(FER_RUNS)/b_fused_s%/best.pt: $(FER_RUNS)/a_image/best.pt $(FER_RUNS)/b_text/best.pt
+	$(FER_TRAIN) --model b --run-name b_fused_s$* --seed $* $(FER_FUSED) --overwrite \
+	  --text-from $(FER_RUNS)/b_text/best.pt --epochs 3
+
+# Every run on test (results/fer.csv; --tta where a face is read), the seed-0 runs on the
+# deduplicated test (results/fer-dedupe.csv), each fused model's ensemble of seeds, and fused
+# Model B's ablation.
+fer-eval: $(SETUP)
+	rm -f results/fer.csv results/fer-dedupe.csv
+	for run in a_image a_text b_text $(FER_FUSED_RUNS); do \
+	  $(FER_EVAL) --checkpoint $(FER_RUNS)/$$run/best.pt || exit; done
+	for run in a_image $(FER_FUSED_RUNS); do \
+	  $(FER_EVAL) --checkpoint $(FER_RUNS)/$$run/best.pt --tta || exit; done
+	for run in a_text b_text; do \
+	  $(FER_DEDUPE) --checkpoint $(FER_RUNS)/$$run/best.pt || exit; done
+	for run in a_image a_fused_s0 b_fused_s0; do \
+	  $(FER_DEDUPE) --checkpoint $(FER_RUNS)/$$run/best.pt --tta || exit; done
+	for model in a b; do \
+	  $(FER_EVAL) --checkpoint $(foreach s,$(FER_SEEDS),$(FER_RUNS)/$${model}_fused_s$(s)/best.pt) || exit; \
+	  $(FER_EVAL) --checkpoint $(foreach s,$(FER_SEEDS),$(FER_RUNS)/$${model}_fused_s$(s)/best.pt) --tta || exit; \
+	done
+	$(FER_EVAL) --checkpoint $(FER_RUNS)/b_fused_s0/best.pt --ablate
 
 # Keeps data/raw: the Kaggle downloads are not generated here and are slow to fetch again.
 clean:
