@@ -224,6 +224,7 @@ def test_an_odd_photo_stays_with_its_row_and_the_batch_goes_on(runs, photos, tmp
     assert rows(out) == written
 
 
+@pytest.mark.slow
 def test_an_answer_is_kept_only_while_its_input_is_the_same(runs, photos, tmp_path, capsys):
     # The resume key was (line, image): another sentence, an edited cell, another folder with the
     # same names or another checkpoint kept the old answers and exited 0 (issue 54). Each run
@@ -267,6 +268,7 @@ def test_an_answer_is_kept_only_while_its_input_is_the_same(runs, photos, tmp_pa
     assert "4 pair(s) predicted" in resumed(model_a, "--pairs", pairs)[0]
 
 
+@pytest.mark.slow
 def test_a_run_cut_inside_a_quoted_sentence_or_a_character_goes_on(runs, photos, tmp_path, capsys):
     # A run stopped after a newline inside a quoted sentence left a short row counted as done,
     # and every row appended after it inside the open quote; one stopped inside a character of

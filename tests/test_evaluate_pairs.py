@@ -90,6 +90,7 @@ def test_bad_labelled_pairs_are_one_line(runs, tmp_path, capsys):
         assert not results.exists()
 
 
+@pytest.mark.slow
 def test_an_ensemble_row_averages_its_members_calibrated_probabilities(runs, processed, tmp_path, capsys):
     members = [resave(runs / "model_a" / "best.pt", tmp_path / "a" / "best.pt"),
                resave(runs / "model_a" / "best.pt", tmp_path / "a_hot" / "best.pt", temperature=3.0),
@@ -196,6 +197,7 @@ def test_macro_scores_of_labelled_pairs_average_the_classes_in_their_labels(runs
     assert f"macro-F1 over the 2 classes in the labels {float(row['Macro_F1']):.4f}" in out
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_long_run_names_gets_a_short_confusion_file_name(runs, tmp_path, capsys):
     # six members of 40-character run names: the joined name passes the file system's 255 bytes
     members = [resave(runs / "model_a" / "best.pt", tmp_path / f"{f'seed{i}':x<40}" / "best.pt") for i in range(6)]

@@ -343,6 +343,7 @@ def test_args_json_names_the_prepared_data(runs, processed):
     assert saved["data_key"] == load_meta(processed)["key"]
 
 
+@pytest.mark.slow
 def test_a_resume_reads_a_log_cut_mid_row_and_writes_each_row_whole(runs, tmp_path, monkeypatch):
     shutil.copytree(runs / "model_a", tmp_path / "model_a")
     log = tmp_path / "model_a" / "log.csv"
