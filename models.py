@@ -514,6 +514,8 @@ def load_checkpoint(path, device="cpu", data=None):
             ("classes", "config", "image_size", "metrics", "args", "train_state", "versions", "tokenizer")}
     # a checkpoint saved before calibration existed is uncalibrated
     info["temperature"] = checkpoint.get("temperature", 1.0)
+    # the bytes that were loaded, for a key of what a prediction depends on (recognizer.fingerprint)
+    info["sha256"] = hashlib.sha256(data).hexdigest()
     return model.to(device).eval(), tokenizer, info
 
 
