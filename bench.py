@@ -2,10 +2,13 @@
 
     python bench.py                        # a table
     python bench.py --json                 # the table, then one JSON object with every figure
-    python bench.py --samples 2048 --amp off
+    python bench.py --samples 2048 --amp off --no-demo   # (b) at the reference's fp32
 
 (a) trunk feature extraction, images/s; (b) one Model B training epoch on cached
-features and one through the frozen trunk, same data, and their ratio cache_speedup,
+features and one through the frozen trunk, same data, and their ratio cache_speedup;
+the cached epoch again with random batches instead of batches grouped by text length
+(data.BatchOrder), with the real and padded tokens of each and grouping_speedup; the
+share of a cached step spent in the text encoder (its forward and backward alone);
 then evaluation throughput on the cache; on CUDA also the cached step split into
 gathering the batch and computing, and the minutes 100 epochs of 30k pairs would take;
 (c) demo: one prediction after the checkpoint is loaded, and the whole demo process;
@@ -15,8 +18,9 @@ gives), separate `demo.py --image --text` processes (K of them timed: their mean
 process's time), and a Python loop of single `predict` calls on a recognizer loaded once;
 then --pairs's speed-up over the processes (whole processes both) and over the loop (after
 start-up both).
-Inputs are random tensors of the real shapes (75x75 faces, tweets of up to 32 tokens):
-speed does not depend on what the pixels show, and the bench needs no data set. (d) reads
+Inputs are random tensors of the real shapes (75x75 faces, and sentences as long as the
+Emotions corpus's tweets: median 19 tokens, 90th percentile 39, at most 64): speed does not
+depend on what the pixels or tokens are, and the bench needs no data set. (d) reads
 synthetic faces (prep/synthetic.py), since face detection's time does depend on the photo:
 75 px crops as the data sets hold them, or with --photo-side S each face, enlarged to
 twice its size, in an S px frame; --api-model reads them at --api-input-size.
@@ -49,9 +53,11 @@ ROOT = Path(__file__).parent
 
 
 def fake_split(n, image_size, max_len, vocab_size, classes, seed):
-    """n random pairs with the shapes of the real data."""
+    """n random pairs with the shapes of the real data. Text lengths are log-normal with the
+    Emotions corpus's median (19 tokens) and 90th percentile (39), cut to 3..max_len."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(8, max_len + 1, (n,), generator=g)
+    normal = torch.randn(n, generator=g)
+    lengths = (19 * torch.exp(normal * math.log(39 / 19) / 1.2816)).round().long().clamp(3, max_len)
     input_ids = torch.randint(2, vocab_size, (n, max_len), generator=g)
     input_ids[torch.arange(max_len)[None] >= lengths[:, None]] = 0  # right padding
     return {"images": torch.randint(0, 256, (n, image_size, image_size), dtype=torch.uint8, generator=g),
@@ -99,7 +105,7 @@ def bench(args):
     # the reference's Model B: input 224, 3 layers, 4 heads
     cfg = ModelConfig(arch="b", vocab_size=5000, pretrained=False)
     model = build_model(cfg).to(device)
-    split = fake_split(args.samples, 75, 32, cfg.vocab_size, cfg.num_classes, seed=0)
+    split = fake_split(args.samples, 75, cfg.max_len, cfg.vocab_size, cfg.num_classes, seed=0)
     dtype = str(amp_dtype or torch.float32).replace("torch.", "")
     figures = {"device": str(device), "dtype": dtype,
                "batch_size": args.batch_size, "samples": args.samples,
@@ -124,6 +130,8 @@ def bench(args):
         figures["epoch_uncached_s"] = time_epoch(model, uncached, device, mixed_precision, amp_dtype)
         figures["cache_speedup"] = figures["epoch_uncached_s"] / figures["epoch_cached_s"]
         figures["train_samples_per_s_cached"] = args.samples / figures["epoch_cached_s"]
+        figures.update(bench_grouping(model, split, features, args.batch_size, device, mixed_precision,
+                                      amp_dtype, figures["epoch_cached_s"]))
         if device.type == "cuda":
             # where a cached step's time goes, and what the real run costs
             gather_s = timed(device, lambda: sum(1 for _ in cached))  # the batches alone, no step
@@ -165,6 +173,40 @@ def bench(args):
                        check=True, capture_output=True, cwd=ROOT)
         figures["demo_process_s"] = time.perf_counter() - t0
         figures.update(bench_api(args, device, Path(tmp), tokenizer))
+    return figures
+
+
+def padded_tokens(batches):
+    """(real, padded) text tokens of one pass over `batches`."""
+    real = padded = 0
+    for batch in batches:
+        real += int(batch["lengths"].sum())
+        padded += batch["input_ids"].numel()
+    return real, padded
+
+
+def bench_grouping(model, split, features, batch_size, device, mixed_precision, amp_dtype, grouped_s):
+    """(b): the cached epoch with random batches against grouped ones (`grouped_s`, timed already),
+    their tokens, and the share of a grouped cached epoch spent in the text encoder."""
+    grouped = Batches(split, batch_size, device, features=features, shuffle=True, flip=True)
+    random = Batches(split, batch_size, device, features=features, shuffle=True, flip=True, group_by_length=False)
+    figures = {}
+    figures["tokens_real_per_epoch"], figures["tokens_padded_grouped"] = padded_tokens(grouped)
+    _, figures["tokens_padded_random"] = padded_tokens(random)
+    figures["epoch_cached_random_s"] = time_epoch(model, random, device, mixed_precision, amp_dtype)
+    figures["grouping_speedup"] = figures["epoch_cached_random_s"] / grouped_s
+    # the text encoder's forward and backward, on the same grouped batches as a training step
+    model.train()
+
+    def encoder_passes():
+        for batch in grouped:
+            ids = batch["input_ids"]
+            pad = torch.arange(ids.shape[1], device=ids.device) >= batch["lengths"].clamp(min=1).unsqueeze(1)
+            with mixed_precision:
+                out = model.text_encoder(ids, pad)
+            out.float().sum().backward()
+    figures["text_encoder_share"] = timed(device, encoder_passes) / grouped_s
+    model.zero_grad(set_to_none=True)
     return figures
 
 

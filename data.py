@@ -89,20 +89,32 @@ def redraw_texts(split, text_pool, generator):
     return text_pool["input_ids"][choice], text_pool["lengths"][choice]
 
 
+# Batches are grouped by text length, so that each one is padded to about its own rows' length:
+# sentences run from 3 to 64 tokens (21 on average in the Emotions corpus), and a random batch of
+# 64 is padded to 58 of them, 2.7 tokens computed by Model B's Transformer for every real one.
+# Sorting within windows of WINDOW batches of a shuffle (Hugging Face's group_by_length, fairseq's
+# buckets) pads a batch to 22 and still groups the rows anew every epoch.
+WINDOW = 32
+
+
 class BatchOrder:
     """Which rows make each batch, and which of them are this rank's (torch's BatchSampler and
-    DistributedSampler in one). Shuffled (training): under torchrun every rank draws the same
-    batches (`batch_size` is the global batch) and rank r takes rows r, r + W, r + 2W, ... of each.
-    A batch is sorted by text length, so these rows span its lengths, where a contiguous slice would
-    hold only its short or only its long texts. A last batch too small to give every rank a row is
-    dropped. In order (evaluation): each rank takes a contiguous part of the rows."""
+    DistributedSampler in one). Shuffled (training): a seeded shuffle, rows sorted by text length
+    within windows of WINDOW batches, then the batches in a seeded random order. Under torchrun every
+    rank draws the same batches (`batch_size` is the global batch) and rank r takes rows r, r + W,
+    r + 2W, ... of each: a batch is sorted by length, so these rows span its lengths, where a
+    contiguous slice would hold only its short or only its long texts. A last batch too small to give
+    every rank a row is dropped. In order (evaluation): each rank takes a contiguous part of the rows
+    and serves it sorted by length; metrics.evaluate puts the results back in the rows' order.
+    `group_by_length=False` draws plain random batches (bench.py measures what grouping saves)."""
 
-    def __init__(self, n, batch_size, *, shuffle, rank=0, world_size=1):
+    def __init__(self, n, batch_size, *, shuffle, rank=0, world_size=1, group_by_length=True):
         self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.window = WINDOW if group_by_length else 1
 
     def __len__(self):
         if not self.shuffle:
@@ -114,12 +126,10 @@ class BatchOrder:
         """This rank's contiguous part of the row indices (all of them on one process)."""
         return torch.arange(self.n).tensor_split(self.world_size)[self.rank]
 
-    def _bucketed(self, lengths, generator):
-        """Shuffled batches of similar text length. Padding is trimmed per batch, so this skips
-        most of the Transformer's work on pad tokens (tweets run from 3 to 64 tokens); sorting
-        only within windows of 32 batches keeps a new random grouping every epoch."""
+    def _grouped(self, lengths, generator):
+        """Shuffled batches, each sorted by length and, with a window of several batches, of similar lengths."""
         order = torch.randperm(self.n, generator=generator)
-        window = 32 * self.batch_size
+        window = self.window * self.batch_size
         batches = []
         for start in range(0, self.n, window):
             chunk = order[start:start + window]
@@ -131,9 +141,11 @@ class BatchOrder:
     def draw(self, lengths, generator):
         """One pass: [(this rank's row indices, the size of the whole batch)], batch after batch."""
         if not self.shuffle:
-            return [(rows, len(rows)) for rows in self._share().split(self.batch_size)]
+            share = self._share()
+            share = share[torch.argsort(lengths[share], stable=True)]
+            return [(rows, len(rows)) for rows in share.split(self.batch_size)]
         return [(rows[self.rank::self.world_size], len(rows))
-                for rows in self._bucketed(lengths, generator) if len(rows) >= self.world_size]
+                for rows in self._grouped(lengths, generator) if len(rows) >= self.world_size]
 
 
 class DeviceFeed:
@@ -177,10 +189,12 @@ class Batches:
     from `text_pool`, a coin flip per image, and the batches, all from one seeded generator, so
     `generator.get_state()` after a pass is all that a resume needs. `features` (cached trunk
     features, dicts of [V,N,...], where V = 2 adds the mirrored images) replaces the images. A
-    batch's `global_size` is the size of the whole batch over all ranks, for the mean of the loss."""
+    batch's `index` holds its rows' positions in the split, and its `global_size` is the size of
+    the whole batch over all ranks, for the mean of the loss."""
 
     def __init__(self, split, batch_size, device, *, features=None, shuffle=False,
-                 flip=False, text_pool=None, seed=0, rank=0, world_size=1, on_device=None):
+                 flip=False, text_pool=None, seed=0, rank=0, world_size=1, on_device=None,
+                 group_by_length=True):
         self.split = split
         self.features = features
         self.device = torch.device(device)
@@ -188,7 +202,7 @@ class Batches:
         self.text_pool = text_pool
         self.generator = torch.Generator().manual_seed(seed)
         self.order = BatchOrder(len(split["labels"]), batch_size, shuffle=shuffle, rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, group_by_length=group_by_length)
         self.cached = features is not None
         if self.cached and flip and next(iter(features.values())).shape[0] < 2:
             raise ValueError("flip needs features of flipped images (a cache built with flips=True)")
@@ -225,7 +239,7 @@ class Batches:
             width = max(int(lengths[idx].max()), 1)
             here = epoch["order"][at]
             batch = {"input_ids": epoch["input_ids"][here, :width].long(), "lengths": epoch["lengths"][here],
-                     "labels": epoch["labels"][here], "global_size": global_size}
+                     "labels": epoch["labels"][here], "index": here, "global_size": global_size}
             image_side = self.feed.gather(epoch["rows"][at] if self.feed.on_device else rows[at])
             if self.cached:
                 batch["image_features"] = image_side

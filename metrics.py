@@ -60,13 +60,17 @@ def evaluate(model, batches, mixed_precision=nullcontext()):
     model.eval()
     log_probs = []
     labels = []
+    index = []
     for batch in batches:
         with mixed_precision:
             logits = model(batch["input_ids"], batch["lengths"], images=batch.get("images"),
                            image_features=batch.get("image_features"))
         log_probs.append(F.log_softmax(logits.float(), dim=1).cpu())  # (B, C)
         labels.append(batch["labels"].cpu())
-    return summarize(torch.cat(log_probs), torch.cat(labels))
+        index.append(batch["index"].cpu())
+    # data.Batches serves the rows sorted by length: back to their order in the split
+    back = torch.cat(index).argsort()
+    return summarize(torch.cat(log_probs)[back], torch.cat(labels)[back])
 
 
 def bootstrap(labels, preds, num_classes, averaged=None, resamples=RESAMPLES, seed=0):

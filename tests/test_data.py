@@ -1,5 +1,5 @@
-"""data.py: batches (the order, dealing rows to ranks, gathering on the device or through a
-pinned buffer) and the feature cache (its key, a broken file, concurrent builds)."""
+"""data.py: batches (the order, grouped by text length, dealing rows to ranks, gathering on the device
+or through a pinned buffer) and the feature cache (its key, a broken file, concurrent builds)."""
 import threading
 
 import pytest
@@ -7,9 +7,81 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import metrics
 from data import Batches, cached_features, load_split, load_text_pool
 from runtime import DataError
 from test_train import small_model
+
+
+def pool_of_lengths(n, seed=0):
+    """n pairs whose texts run from 3 to 64 tokens, and a text pool of the same lengths to draw from."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 65, (n,), generator=generator).to(torch.int16)
+    input_ids = torch.arange(n, dtype=torch.int32)[:, None].expand(n, 64).clone()  # row i says i
+    input_ids[torch.arange(64) >= lengths.long()[:, None]] = 0
+    labels = torch.randint(0, 7, (n,), generator=generator)
+    split = {"images": torch.zeros(n, 8, 8, dtype=torch.uint8), "labels": labels,
+             "input_ids": input_ids, "lengths": lengths}
+    return split, {"input_ids": input_ids, "lengths": lengths, "labels": labels}
+
+
+def epoch_rows(batches):
+    """One pass: each batch's split positions, and its padded width."""
+    return [(batch["index"], batch["input_ids"].shape[1]) for batch in batches]
+
+
+def test_an_epoch_uses_every_row_once_in_batches_of_similar_length():
+    split, pool = pool_of_lengths(64 * 40 + 17)
+    every_row = torch.arange(len(split["labels"]))
+    widths = {}
+    for group in (True, False):
+        batches = Batches(split, 64, "cpu", shuffle=True, flip=True, text_pool=pool, seed=1, group_by_length=group)
+        for _ in range(2):  # a second epoch draws its texts and batches anew
+            rows = epoch_rows(batches)
+            assert torch.equal(torch.cat([index for index, _ in rows]).sort().values, every_row)
+        widths[group] = sum(width * len(index) for index, width in rows) / len(split["labels"])
+    # lengths uniform over 3..64: a random batch of 64 pads to about 63, a grouped one to about 34
+    assert widths[True] < 0.7 * widths[False]
+
+
+def test_the_order_follows_the_seed_and_resumes_from_the_generator():
+    split, pool = pool_of_lengths(1000)
+
+    def batches(seed):
+        return Batches(split, 32, "cpu", shuffle=True, text_pool=pool, seed=seed)
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) and u == v for (x, u), (y, v) in zip(a, b))
+
+    straight = batches(3)
+    first, second = epoch_rows(straight), epoch_rows(straight)
+    assert same(first, epoch_rows(batches(3))) and not same(first, epoch_rows(batches(4)))
+    assert not same(first, second)
+    # what train.py saves after an epoch, and restores on --resume
+    resumed = batches(3)
+    epoch_rows(resumed)
+    state = resumed.generator.get_state()
+    again = batches(3)
+    again.generator.set_state(state)
+    assert same(epoch_rows(again), second)
+
+
+def test_sorted_evaluation_equals_evaluation_in_the_rows_order(processed):
+    model = small_model("b", processed)
+    split = load_split(processed, "test")
+    out = metrics.evaluate(model, Batches(split, 64, "cpu"))
+    assert not torch.equal(next(iter(Batches(split, 64, "cpu")))["index"], torch.arange(64))  # it was sorted
+    model.eval()
+    plain = []
+    with torch.no_grad():
+        for rows in torch.arange(len(split["labels"])).split(64):
+            width = max(int(split["lengths"][rows].max()), 1)
+            logits = model(split["input_ids"][rows, :width].long(), split["lengths"][rows].long(),
+                           images=split["images"][rows])
+            plain.append(F.log_softmax(logits, dim=1))
+    plain = torch.cat(plain)
+    torch.testing.assert_close(out["log_probs"], plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.as_tensor(out["labels"]), split["labels"])
 
 
 def test_cached_and_uncached_first_step_agree(processed, tmp_path):
