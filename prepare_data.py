@@ -29,7 +29,6 @@ from prep.sources import FACE_SETS, KAGGLE_TEXTS, TEXT_TO_CLASS, describe_encodi
 from prep.tokenizer import train_tokenizer
 from runtime import DataError, atomic_write, script_parser
 
-UNPAIRED = [c for c in CLASSES if c not in TEXT_TO_CLASS.values()]  # Disgust, Neutral
 SHARD_SIZE = 10000
 # Part of the image and text keys; raised when a step's stored output changes shape, so
 # that an older run's output is redone rather than misread.
@@ -37,6 +36,8 @@ STEP_FORMAT = 2
 # The flags each source reads; a flag of the other source is refused, never ignored.
 SYNTHETIC_FLAGS = ("synthetic_images", "synthetic_texts", "synthetic_copies")
 KAGGLE_FLAGS = ("image_dir", "text_csv", "faces")
+# meta.json's "unpaired" when the sentence file covers every class, and --unpaired does nothing
+ALL_CLASSES_PAIRED = "none needed: every class has sentences"
 
 
 def step(number, name, work, key, force, build):
@@ -100,17 +101,24 @@ def read_and_audit(listing, root, size, seed):
 
 
 # ---- step 5: pairing ---------------------------------------------------------------
-def pair_texts(image_labels, text_classes, classes, unpaired, rng):
+def classes_without_texts(texts):
+    """The classes that no sentence of the file is labelled with: Disgust and Neutral in the
+    Emotions corpus, none in a file that covers all seven."""
+    named = {TEXT_TO_CLASS[name] for split in SPLITS for name in texts[split]["labels"]}
+    return [c for c in CLASSES if c not in named]
+
+
+def pair_texts(image_labels, text_classes, classes, any_text, rng):
     """For each image, the index of a text of the same split and class. Each class's texts are
-    shuffled with `rng` and used evenly (every text once before any text twice). Under
-    'random', the images of the classes without texts (Disgust, Neutral) get any text."""
+    shuffled with `rng` and used evenly (every text once before any text twice). The images
+    of the classes in `any_text` (those without texts, under --unpaired random) get any text."""
     text_classes = np.asarray(text_classes)
     choice = np.full(len(image_labels), -1, dtype=np.int64)
     for index, name in enumerate(classes):
         rows = np.flatnonzero(image_labels == index)
         if len(rows) == 0:
             continue
-        pool = (np.arange(len(text_classes)) if name in UNPAIRED and unpaired == "random"
+        pool = (np.arange(len(text_classes)) if name in any_text
                 else np.flatnonzero(text_classes == name))
         if len(pool) == 0:
             raise DataError(f"no texts of class {name} in this split: too few texts")
@@ -124,7 +132,9 @@ def pair_all(images, texts, unpaired, dedupe, seed):
     """Step 5: the images each split keeps (the policy's classes; with `dedupe`, none with a
     near-copy in an earlier split), each paired with a text; what was dropped and what the
     audit finds among the images kept."""
-    classes = [c for c in CLASSES if not (unpaired == "drop" and c in UNPAIRED)]
+    textless = classes_without_texts(texts)
+    classes = [c for c in CLASSES if not (unpaired == "drop" and c in textless)]
+    any_text = textless if unpaired == "random" else []
     rng = np.random.default_rng(seed)
     near = {pair: flags.numpy() for pair, flags in images["near"].items()}
     copied = leaks.copied_from_earlier(near)
@@ -133,7 +143,7 @@ def pair_all(images, texts, unpaired, dedupe, seed):
     kept = {}
     for split in SPLITS:
         names = np.array(CLASSES)[images[split]["labels"].numpy()]
-        wanted = np.isin(names, classes)  # 'drop' removes Disgust and Neutral
+        wanted = np.isin(names, classes)  # 'drop' removes the classes without texts
         if split in copied:  # val, test
             drop = copied[split] & dedupe
             dropped[split] = [images[split]["files"][i] for i in np.flatnonzero(wanted & drop)]
@@ -142,7 +152,7 @@ def pair_all(images, texts, unpaired, dedupe, seed):
         kept[split] = keep
         labels = np.array([classes.index(n) for n in names[keep]], dtype=np.int64)
         text_classes = [TEXT_TO_CLASS[label] for label in texts[split]["labels"]]
-        text_rows = pair_texts(labels, text_classes, classes, unpaired, rng)
+        text_rows = pair_texts(labels, text_classes, classes, any_text, rng)
         pairs[split] = {"image_rows": torch.from_numpy(keep), "labels": torch.from_numpy(labels),
                         "text_rows": torch.from_numpy(text_rows)}
     return {"classes": classes, "pairs": pairs, "dropped": dropped,
@@ -195,9 +205,12 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
                     "labels": torch.tensor(pool_labels, dtype=torch.int64)}, tmp)
     with atomic_write(out / "tokenizer.json") as tmp:
         tmp.write_text(tokenizer_json)
+    # the names the file used, which evaluate.py reads to tell the classes with texts
+    named = {name for split in SPLITS for name in texts[split]["labels"]}
     meta = {"version": FORMAT_VERSION, "key": key, "classes": classes, "shards": shards,
             "image_size": args.image_size, "max_len": args.max_len,
-            "vocab_size": tokenizer.get_vocab_size(), "seed": args.seed, "unpaired": args.unpaired,
+            "vocab_size": tokenizer.get_vocab_size(), "seed": args.seed,
+            "unpaired": args.unpaired if classes_without_texts(texts) else ALL_CLASSES_PAIRED,
             "sources": sources, "counts": counts,
             "text_counts": {s: len(texts[s]["texts"]) for s in SPLITS},
             "texts_dropped": texts["dropped"],
@@ -206,7 +219,7 @@ def write_outputs(out, images, texts, tokenizer_json, paired, args, sources, key
             "leaks": {**images["leaks"], "dedupe": args.dedupe,
                       "dropped": {split: len(files) for split, files in paired["dropped"].items()},
                       "dropped_files": paired["dropped"], "remaining": paired["remaining"]},
-            "text_to_class": TEXT_TO_CLASS, "versions": library_versions()}
+            "text_to_class": {n: c for n, c in TEXT_TO_CLASS.items() if n in named}, "versions": library_versions()}
     # ... and comes back last
     with atomic_write(out / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -234,7 +247,11 @@ def parse_args(argv=None):
                    help="the face data set to download: rafdb (the reference's, 75x75) or fer2013 "
                         "(msambare/fer2013, 48x48: add --image-size 48 to keep that size)")
     p.add_argument("--image-dir", metavar="DIR", help="a local image tree instead of the download")
-    p.add_argument("--text-csv", metavar="FILE", help="a local text file instead of the download")
+    p.add_argument("--text-csv", metavar="FILE",
+                   help="a local sentence file instead of the download: the Emotions corpus's 'text;label' "
+                        "lines or 'text,label' CSV (labels 0..5 or names), MELD's CSVs (Utterance, Emotion), "
+                        "or GoEmotions' Ekman .tsv with its labels.txt beside it; labels that name Disgust "
+                        "and Neutral pair every class with sentences of its own")
     p.add_argument("--raw-dir", default="data/raw", metavar="DIR",
                    help="where downloads and generated data go")
     p.add_argument("--out", default="data/processed", metavar="DIR",
@@ -250,8 +267,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=64, metavar="TOKENS",
                    help="tokens kept per sentence; longer sentences are cut (counted in meta.json)")
     p.add_argument("--unpaired", choices=["random", "drop"], default="random",
-                   help="what to do with Disgust and Neutral, which have no texts: pair them with "
-                        "random texts, or drop the two classes")
+                   help="what to do with the classes that have no sentences (Disgust and Neutral in the "
+                        "Emotions corpus): pair them with random sentences, or drop them")
     p.add_argument("--synthetic-images", default="300,50,50", metavar="TRAIN,VAL,TEST",
                    help="the number of synthetic faces per class in train,val,test "
                         "(the real size is 4286,1072,600)")
@@ -363,7 +380,10 @@ def prepare(args):
     pair_key = digest(image_key, text_key, args.unpaired, args.dedupe, args.seed)
     paired = step(5, "pairing", work, pair_key, args.force,
                   lambda: pair_all(images, texts, args.unpaired, args.dedupe, args.seed))
-    say(f"      {len(paired['classes'])} classes, unpaired policy {args.unpaired!r}")
+    if classes_without_texts(texts):
+        say(f"      {len(paired['classes'])} classes, unpaired policy {args.unpaired!r}")
+    else:
+        say(f"      {len(paired['classes'])} classes, every class has sentences: --unpaired has nothing to do")
     report_leaks(paired, images["leaks"], args.dedupe)
     key = digest(tokenizer_key, pair_key, args.max_len, sources)
     if not args.force and written_with(out / "meta.json", key):

@@ -6,9 +6,11 @@ reads.
 
 Image trees are `split/class/*.png` (the balanced RAF-DB set and FER2013 on Kaggle; the
 class folder names may be in any case and use aliases) or plain RAF-DB's
-`DATASET/{train,test}/{1..7}`. Text files are `text,label` CSVs, with or without a leading
-index column, or dair-ai `text;label` lines; the labels are ids 0..5 or names; each line is
-UTF-8 or cp1252 (which spreadsheets export).
+`DATASET/{train,test}/{1..7}`. Text files are `text,label` CSVs (with or without a leading
+index column), dair-ai `text;label` lines, MELD's CSVs (columns `Utterance` and `Emotion`) or
+GoEmotions' Ekman TSV (`text<TAB>label ids<TAB>comment id`, the ids in the order of the
+`labels.txt` beside it). Labels are names (TEXT_TO_CLASS) or, where the file says nothing else,
+the Emotions corpus's ids 0..5. Each line is UTF-8 or cp1252 (which spreadsheets export).
 Everything under __MACOSX/ (macOS zips put a `._name` shadow of every file there) and every
 dot-file (`._name`, `.DS_Store`, `.ipynb_checkpoints/`) is skipped: they are never data.
 """
@@ -42,9 +44,15 @@ FOLDER_NAMES = {"angry": "Angry", "anger": "Angry", "disgust": "Disgust", "fear"
                 "sadness": "Sad", "surprise": "Surprise", "surprised": "Surprise"}
 RAFDB_IDS = {"1": "Surprise", "2": "Fear", "3": "Disgust", "4": "Happy", "5": "Sad",
              "6": "Angry", "7": "Neutral"}  # plain RAF-DB's numeric class folders
-TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # the label ids 0..5 of the CSVs
+TEXT_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # the Emotions corpus's ids 0..5
+# Every label name a sentence file may use (any case), and the class of its faces. The Emotions
+# corpus's names come first, in its order, so that its meta.json reads as it always has.
 TEXT_TO_CLASS = {"sadness": "Sad", "joy": "Happy", "love": "Happy", "anger": "Angry",
-                 "fear": "Fear", "surprise": "Surprise"}
+                 "fear": "Fear", "surprise": "Surprise", "disgust": "Disgust", "neutral": "Neutral",
+                 "sad": "Sad", "happy": "Happy", "happiness": "Happy", "angry": "Angry"}
+# The header columns (text, label) of the CSVs, and how each reads a numeric label: the
+# Emotions corpus's ids, or (MELD, whose Emotion column holds names) not at all.
+CSV_COLUMNS = {("text", "label"): TEXT_LABELS, ("utterance", "emotion"): None}
 
 
 def say(message):
@@ -201,36 +209,75 @@ def describe_encoding(counts):
     return ", ".join(f"{name} {n} line{'s' * (n != 1)}" for name, n in counts.items() if n)
 
 
+def label_name(label, ids, where):
+    """The label's name in TEXT_TO_CLASS: a name in any case, or an id read through `ids`;
+    anything else is one error naming `where` (the file and line)."""
+    name = label.strip().lower()
+    if ids and name.isdigit() and int(name) < len(ids):
+        name = ids[int(name)]
+    if name not in TEXT_TO_CLASS:
+        known = ", ".join(f"{n} -> {c}" for n, c in TEXT_TO_CLASS.items())
+        if ids:
+            known += "; ids " + ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(ids))
+        raise DataError(f"{where}: unmapped label {name!r}; known labels (any case): {known}")
+    return name
+
+
+def csv_rows(path, f):
+    """(rows, ids) of a CSV with a header: `text,label` (an index column beside them is ignored)
+    or MELD's `Utterance` and `Emotion` among its other columns. Each row is (line, text, label)."""
+    reader = csv.DictReader(f)
+    columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+    for (text, label), ids in CSV_COLUMNS.items():
+        if text in columns and label in columns:
+            break
+    else:
+        raise DataError(f"{path} has columns {reader.fieldnames}: expected 'text' and 'label', or MELD's "
+                        "'Utterance' and 'Emotion' (or dair-ai 'text;label' lines, or a GoEmotions .tsv)")
+    # line_num is read after each row: the line where that row ends
+    return [(reader.line_num, r[columns[text]] or "", r[columns[label]] or "") for r in reader], ids
+
+
+def goemotions_rows(path, f):
+    """(rows, ids) of GoEmotions' TSV, whose ids are the lines of the labels.txt beside it. A row
+    with several ids is dropped, since its class is ambiguous; the number dropped is printed."""
+    names_file = Path(path).with_name("labels.txt")
+    if not names_file.exists():
+        raise DataError(f"{path} is a GoEmotions TSV, whose label ids are the lines of the labels.txt "
+                        f"beside it, but {names_file} does not exist")
+    ids = [label_name(name, None, f"{names_file} line {number}")
+           for number, name in enumerate(names_file.read_text(encoding="utf-8-sig").splitlines(), 1)
+           if name.strip()]
+    # QUOTE_NONE: GoEmotions does not quote, and a sentence may start with a quotation mark
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = [(number, *row[:2]) for number, row in enumerate(reader, 1) if len(row) >= 2]
+    single = [row for row in rows if "," not in row[2]]
+    several = len(rows) - len(single)
+    if several:
+        say(f"      {Path(path).name}: dropped {several:,} row{'s' * (several != 1)} with several labels")
+    return single, ids
+
+
 def read_texts(path):
-    """(texts, label names, lines per encoding) from a `text,label` CSV (with or without a
-    leading index column) or from dair-ai `text;label` lines. Labels are ids 0..5 or names."""
+    """(texts, label names, lines per encoding) from any of the text files of the module's
+    docstring. An empty row is kept here (split_texts counts it as dropped), its label unread."""
     content, encoding = decode_text(path)
     # newline="": the csv module sees line ends as stored
     with io.StringIO(content, newline="") as f:
         first = f.readline()
         f.seek(0)
+        if Path(path).suffix.lower() == ".tsv":
+            rows, ids = goemotions_rows(path, f)
         # dair-ai: text;label, no header
-        if ";" in first and "," not in first.split(";")[-1]:
-            rows = [line.rstrip("\r\n").rsplit(";", 1) for line in f if line.strip()]
-            rows = [(r[0], r[1]) for r in rows if len(r) == 2]
+        elif ";" in first and "," not in first.split(";")[-1]:
+            rows = [(number, *line.rstrip("\r\n").rsplit(";", 1)) for number, line in enumerate(f, 1)
+                    if line.strip()]
+            rows, ids = [r for r in rows if len(r) == 3], TEXT_LABELS
         else:
-            reader = csv.DictReader(f)
-            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
-            if "text" not in columns or "label" not in columns:
-                raise DataError(f"{path} has columns {reader.fieldnames}: expected 'text' and "
-                                "'label' (or dair-ai 'text;label' lines)")
-            rows = [(r[columns["text"]] or "", r[columns["label"]] or "") for r in reader]
-    texts = []
-    labels = []
-    for text, label in rows:
-        label = label.strip().lower()
-        name = TEXT_LABELS[int(label)] if label.isdigit() and int(label) < len(TEXT_LABELS) else label
-        # an empty row is dropped, whatever its label
-        if text.strip() and name not in TEXT_TO_CLASS:
-            mapping = ", ".join(f"{i} {n} -> {TEXT_TO_CLASS[n]}" for i, n in enumerate(TEXT_LABELS))
-            raise DataError(f"{path}: unmapped label {label!r}; known labels: {mapping}")
-        texts.append(text)
-        labels.append(name)
+            rows, ids = csv_rows(path, f)
+    texts = [text for _, text, _ in rows]
+    labels = [label_name(label, ids, f"{path} line {number}") if text.strip() else label
+              for number, text, label in rows]
     return texts, labels, encoding
 
 

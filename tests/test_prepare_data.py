@@ -107,7 +107,7 @@ def test_pairs_respect_split_and_class(tmp_path, local_data):
 def test_texts_of_a_class_are_used_evenly():
     labels = np.array([0] * 10)
     choice = prepare_data.pair_texts(labels, ["Angry"] * 4 + ["Sad"] * 3, ["Angry", "Sad"],
-                                     "random", np.random.default_rng(0))
+                                     [], np.random.default_rng(0))
     counts = np.bincount(choice, minlength=7)
     assert set(choice) == {0, 1, 2, 3} and counts.max() - counts[:4].min() <= 1
 
@@ -226,6 +226,32 @@ def test_drop_policy_makes_five_classes(tmp_path, local_data):
     assert load_split(tmp_path / "processed", "test")["labels"].max() == 4
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["counts"]["train"]["Sad"] == 6
     assert torch.equal(load_text_pool(tmp_path / "processed")["labels"].unique(), torch.arange(5))
+
+
+def test_a_file_with_all_seven_classes_pairs_disgust_and_neutral_with_their_own(tmp_path, capsys):
+    images = balanced_tree(tmp_path / "images", per_class=3)
+    # the label names as files spell them; each sentence starts with a word of its class
+    labels = {"Angry": "angry", "Disgust": "Disgust", "Fear": "fear", "Happy": "happy",
+              "Neutral": "NEUTRAL", "Sad": "sadness", "Surprise": "surprise"}
+    words = {name: f"w{name.lower()}" for name in labels}
+    lines = [f"{words[name]} {a} {b};{label}" for name, label in labels.items()
+             for a, b in itertools.islice(itertools.product(WORDS, repeat=2), 20)]
+    (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n")
+    args = ["--image-dir", str(images), "--text-csv", str(tmp_path / "texts.txt")]
+    assert prepare(tmp_path, *args) == 0
+    assert "7 classes, every class has sentences: --unpaired has nothing to do" in capsys.readouterr().out
+    out = tmp_path / "processed"
+    meta = load_meta(out)
+    assert meta["unpaired"] == prepare_data.ALL_CLASSES_PAIRED
+    assert set(meta["text_to_class"].values()) == set(data.CLASSES)
+    tokenizer = load_tokenizer(out)
+    for split in data.SPLITS:
+        pairs = load_split(out, split)
+        firsts = [sentence.split()[0] for sentence in decoded(tokenizer, pairs)]
+        assert firsts == [words[meta["classes"][label]] for label in pairs["labels"].tolist()], split
+    # --unpaired drop has no class to drop
+    assert prepare(tmp_path, *args, "--unpaired", "drop") == 0
+    assert load_meta(out)["classes"] == data.CLASSES
 
 
 def test_data_from_another_format_version_is_refused(tmp_path, local_data):

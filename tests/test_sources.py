@@ -14,6 +14,7 @@ import data
 import prepare_data
 from data import load_meta, load_split
 from prep import sources, synthetic
+from runtime import DataError
 from test_prepare_data import WORDS, balanced_tree, prepare, text_csv
 
 
@@ -240,3 +241,77 @@ def test_macos_shadow_files_are_never_data(tmp_path):
     meta = load_meta(tmp_path / "processed")
     assert meta["skipped_files"] == [] and meta["counts"]["test"] == {c: 6 for c in data.CLASSES}
     assert sum(meta["text_counts"].values()) == len(truth)
+
+
+# ---- sentence files that name all seven classes --------------------------------------
+GOEMOTIONS_LABELS = "anger\ndisgust\nfear\njoy\nneutral\nsadness\nsurprise\n"
+
+
+def classes_of(labels):
+    return [sources.TEXT_TO_CLASS[name] for name in labels]
+
+
+def test_semicolon_lines_with_disgust_and_neutral_in_any_case(tmp_path):
+    (tmp_path / "texts.txt").write_text("that smell is vile;Disgust\nthe bus came;NEUTRAL\n"
+                                        "i lost my keys;sad\nwhat a day;Happiness\n")
+    texts, labels, _ = sources.read_texts(tmp_path / "texts.txt")
+    assert texts == ["that smell is vile", "the bus came", "i lost my keys", "what a day"]
+    assert classes_of(labels) == ["Disgust", "Neutral", "Sad", "Happy"]
+
+
+def test_csv_with_a_quoted_comma(tmp_path):
+    with open(tmp_path / "texts.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], ["well, that is gross", "disgust"],
+                                 ["so, the meeting is at noon", "Neutral"], ["go away", "angry"]])
+    texts, labels, _ = sources.read_texts(tmp_path / "texts.csv")
+    assert texts == ["well, that is gross", "so, the meeting is at noon", "go away"]
+    assert classes_of(labels) == ["Disgust", "Neutral", "Angry"]
+
+
+def test_goemotions_tsv_reads_ids_by_labels_txt_and_drops_rows_with_several(tmp_path, capsys):
+    (tmp_path / "labels.txt").write_text(GOEMOTIONS_LABELS)
+    (tmp_path / "train.tsv").write_text('"Quoted" start, then a comma\t1\teeb1\nboth at once\t0,4\teeb2\n'
+                                        "nothing much\t4\teeb3\nso cross\t0\teeb4\n")
+    texts, labels, _ = sources.read_texts(tmp_path / "train.tsv")
+    assert texts == ['"Quoted" start, then a comma', "nothing much", "so cross"]
+    # id 0 is labels.txt's anger here, not the Emotions corpus's sadness
+    assert classes_of(labels) == ["Disgust", "Neutral", "Angry"]
+    assert "train.tsv: dropped 1 row with several labels" in capsys.readouterr().out
+
+
+def test_meld_csv_with_extra_columns_commas_and_cp1252(tmp_path):
+    rows = ['Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID',
+            '1,"Oh, that\x92s gross!",Monica,disgust,negative,0,0',
+            '2,Okay.,Ross,neutral,neutral,0,1', '3,"Wow, really?",Joey,Surprise,positive,0,2']
+    (tmp_path / "train_sent_emo.csv").write_bytes("\r\n".join(rows).encode("latin-1"))
+    texts, labels, encoding = sources.read_texts(tmp_path / "train_sent_emo.csv")
+    assert texts == ["Oh, that\u2019s gross!", "Okay.", "Wow, really?"]
+    assert classes_of(labels) == ["Disgust", "Neutral", "Surprise"]
+    assert encoding == {"utf-8": 3, "cp1252": 1}
+
+
+def test_numbers_are_the_emotions_corpus_ids_only_where_the_file_says_nothing_else(tmp_path):
+    (tmp_path / "texts.txt").write_text("low today;0\nwhat a twist;5\n")
+    assert sources.read_texts(tmp_path / "texts.txt")[1] == ["sadness", "surprise"]
+    (tmp_path / "texts.csv").write_text("text,label\nmy dear,2\n")
+    assert sources.read_texts(tmp_path / "texts.csv")[1] == ["love"]
+    # MELD's Emotion column holds names: a number there is no id
+    (tmp_path / "meld.csv").write_text("Sr No.,Utterance,Emotion\n1,Hi.,3\n")
+    with pytest.raises(DataError, match="meld.csv line 2: unmapped label '3'"):
+        sources.read_texts(tmp_path / "meld.csv")
+
+
+def test_an_unknown_label_is_one_line_naming_the_line_and_the_known_names(tmp_path):
+    (tmp_path / "texts.txt").write_text("fine;neutral\nugh;Contempt\n")
+    with pytest.raises(DataError) as err:
+        sources.read_texts(tmp_path / "texts.txt")
+    message = str(err.value)
+    assert "texts.txt line 2: unmapped label 'contempt'" in message and "\n" not in message
+    assert "disgust -> Disgust" in message and "neutral -> Neutral" in message and "0 sadness -> Sad" in message
+
+
+def test_a_tsv_without_labels_txt_is_one_line_naming_it(tmp_path):
+    (tmp_path / "dev.tsv").write_text("hello there\t4\teeb1\n")
+    with pytest.raises(DataError, match="labels.txt") as err:
+        sources.read_texts(tmp_path / "dev.tsv")
+    assert str(tmp_path / "labels.txt") in str(err.value)
