@@ -246,3 +246,35 @@ def save_explanation(path, model, tokenizer, info, checkpoint, inputs, probs, de
         raise DataError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         plt.close(fig)
+
+
+def save_timeline(path, faces, lines, classes, max_panels=4):
+    """One PNG: for each face id (the `max_panels` seen in the most frames), its calibrated
+    probabilities over time, one curve per class, with the subtitle lines shaded and labelled.
+    `faces`: [(time, face id, frame, box, label, probabilities [C])] (demo.read_timeline)."""
+    plt = pyplot()
+    seen = {}
+    for at, face, _, _, _, probs in faces:
+        seen.setdefault(face, []).append((at, probs))
+    shown = sorted(seen, key=lambda face: -len(seen[face]))[:max_panels] or [None]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(10, 2.6 * len(shown)), sharex=True, squeeze=False)
+    for ax, face in zip(axes[:, 0], shown):
+        for line in lines:
+            ax.axvspan(line.start, line.end, color="0.9")
+            ax.text(line.start, 0.98, textwrap.shorten(line.text, 40), fontsize=7, va="top",
+                    transform=ax.get_xaxis_transform())
+        if face is None:
+            ax.set_title("no face found")
+            continue
+        times = [at for at, _ in seen[face]]
+        probs = np.stack([p for _, p in seen[face]])  # (T, C)
+        for c, name in enumerate(classes):
+            ax.plot(times, probs[:, c], label=name, lw=1.2)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"face {face}")
+    axes[0, 0].legend(loc="lower left", bbox_to_anchor=(0, 1.02), fontsize=7, ncol=len(classes), frameon=False)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -8,6 +8,10 @@
     boxes = detect_faces(gray)                    # [(x, y, w, h), ...], largest first
     crop = crop_square(gray, face_square(boxes[0], gray.shape), 75)  # cropped like the training faces
     boxes, squares, crops = face_crops(gray, 75)  # every face at once, the centre square if none
+    lines = read_subtitles("talk.srt")            # [Line(start, end, text)], SRT or WebVTT
+    video = open_video("talk.mp4", fps=5)         # a file, or a camera index: open_video(0, fps=5)
+    for at, index, frame in video_frames(video):   # seconds, frame index, uint8 (H, W, 3) RGB
+        ids = tracker.ids(detect_faces(to_gray(frame)))  # tracker = FaceTracker(): one id per face
 
 prepare_data.py and the recognizer (recognizer.py, behind demo.py and evaluate.py --pairs)
 both read images here, so a photo and a training image are decoded the same way. The
@@ -16,11 +20,16 @@ model sees it. What happens to a face after that (preprocessing, the trunk) belo
 model: models.ImageEncoder.
 """
 import functools
+import math
 import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from runtime import DataError
+from runtime import DataError, one_line
 
 # Crop side = (1 + FACE_MARGIN) x the detector's box side, centred on the box, so that a
 # photo's face is cropped like the training faces. Measured on real faces: 700 FER2013
@@ -196,3 +205,189 @@ def face_crops(gray, size, detect=True):
     boxes = detect_faces(gray) if detect else []
     squares = [face_square(box, gray.shape) for box in boxes] or [centre_square(gray.shape)]
     return boxes, squares, np.stack([crop_square(gray, square, size) for square in squares])
+
+
+# ---- video: frames sampled from a file or a camera, subtitles, faces followed over time ----
+
+@dataclass
+class Line:
+    """One subtitle line: shown from `start` to `end` seconds."""
+    start: float
+    end: float
+    text: str
+
+
+# SRT writes 00:01:02,500; WebVTT 00:01:02.500 or 01:02.500 (hours optional)
+TIMESTAMP = r"(?:(\d+):)?(\d{1,2}):(\d{2})[,.](\d{3})"
+CUE_TIMES = re.compile(rf"^\s*{TIMESTAMP}\s*-->\s*{TIMESTAMP}(?:\s.*)?$")
+
+
+def read_subtitles(path):
+    """An SRT or WebVTT file -> [Line] sorted by start. Markup (<i>, {\\an8}) is dropped; a cue's
+    lines are joined by spaces. A broken timing line is a DataError that names its line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such subtitle file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} cannot be read as UTF-8 subtitles ({one_line(err)})") from None
+    lines = []
+    cue = None  # (start, end, [text lines]) of the cue being read
+    for number, row in enumerate(text.splitlines(), start=1):
+        if "-->" in row:
+            times = CUE_TIMES.match(row)
+            if not times:
+                raise DataError(f"{path}, line {number}: a broken timestamp {row.strip()!r} "
+                                "(expected 00:00:01,000 --> 00:00:02,500)")
+            groups = times.groups()
+            start, end = seconds(groups[:4]), seconds(groups[4:])
+            if end < start:
+                raise DataError(f"{path}, line {number}: the line ends before it starts ({row.strip()!r})")
+            cue = (start, end, [])
+            lines.append(cue)
+        elif not row.strip():
+            cue = None
+        elif cue is not None:
+            cue[2].append(re.sub(r"<[^>]*>|\{[^}]*\}", "", row).strip())
+    if not lines:
+        raise DataError(f"{path} holds no subtitle lines (no '-->' timings): give an SRT or WebVTT file")
+    return sorted((Line(start, end, " ".join(t for t in words if t)) for start, end, words in lines),
+                  key=lambda line: line.start)
+
+
+def seconds(parts):
+    """(hours or None, minutes, seconds, milliseconds) strings -> seconds."""
+    hours, minutes, secs, millis = parts
+    return int(hours or 0) * 3600 + int(minutes) * 60 + int(secs) + int(millis) / 1000
+
+
+def line_at(lines, at):
+    """The Line shown at `at` seconds, or None (the latest to start, where lines overlap)."""
+    shown = [line for line in lines if line.start <= at < line.end]
+    return shown[-1] if shown else None
+
+
+@dataclass
+class Video:
+    """An open video file or camera, and the rate at which it is sampled."""
+    capture: object    # cv2.VideoCapture
+    name: str          # the file, or "camera N"
+    camera: bool
+    rate: float        # frames per second of the file (0 where a camera does not say)
+    frames: int        # frames in the file (0 for a camera)
+    fps: float         # sampled frames per second
+    warnings: list
+
+    @property
+    def duration(self):
+        return self.frames / self.rate if self.rate and self.frames else None
+
+
+def open_video(source, fps):
+    """A path (any file OpenCV reads) or a camera index -> Video, sampled at `fps` frames per second
+    (at most the file's own rate: above it, the file's rate with a warning)."""
+    import cv2  # deferred: start-up time of every script that imports this module
+    if not fps > 0:
+        raise DataError(f"--fps must be above 0, not {fps}")
+    camera = isinstance(source, int)
+    name = f"camera {source}" if camera else str(source)
+    if not camera and not Path(source).is_file():
+        raise DataError(f"{source}: no such video file")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        if camera:
+            raise DataError(f"camera {source} does not open: check its index (0 is the first camera) "
+                            "and that no other program holds it")
+        raise DataError(f"{source} is not a video OpenCV can read")
+    rate = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    frames = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    warnings = []
+    if rate and fps > rate:
+        warnings.append(f"--fps {fps:g} is above the video's own rate: sampling every frame ({rate:g} per second)")
+        fps = rate
+    return Video(capture, name, camera, rate, frames, fps, warnings)
+
+
+def video_frames(video, after=None):
+    """Sampled frames of `video` after `after` seconds (None: from the start) -> (time in seconds,
+    frame index, uint8 RGB (H, W, 3)), one every 1/fps seconds. A file's time is its frame index
+    over its rate, so a rerun samples the same frames; a camera's time is the time since its first
+    frame, so a slow model makes it skip frames rather than fall behind."""
+    import cv2  # deferred, as in open_video
+    step = 1 / video.fps
+    # the time of the next sample; a hair under it still counts (index / rate rounds)
+    due = 0.0 if after is None else next_sample(after, step)
+    index = -1
+    first = None
+    try:
+        while True:
+            # grab() without retrieve(): a frame that is not sampled is never converted
+            if not video.capture.grab():
+                if index < 0 and not video.camera:
+                    raise DataError(f"{video.name} is not a video OpenCV can read (no frame decodes)")
+                return
+            index += 1
+            now = time.monotonic()
+            first = now if first is None else first
+            at = now - first if video.camera or not video.rate else index / video.rate
+            if at + 1e-6 < due:
+                continue
+            ok, frame = video.capture.retrieve()
+            if not ok:
+                return
+            due = next_sample(at, step)
+            yield at, index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        video.capture.release()
+
+
+def next_sample(at, step):
+    """The first multiple of `step` after `at` seconds."""
+    return (math.floor((at + 1e-6) / step) + 1) * step
+
+
+def overlap(a, b):
+    """Intersection over union of two boxes (x, y, w, h)."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+class FaceTracker:
+    """Keeps an id on each face from frame to frame: a box takes the id of the box it overlaps most
+    (intersection over union at least MIN_OVERLAP) among the faces seen in the last MISSED_FRAMES
+    sampled frames, so that a face the detector misses for a frame keeps its id. A new id only for a
+    face that was not there before."""
+    MIN_OVERLAP = 0.3
+    MISSED_FRAMES = 5
+
+    def __init__(self):
+        self.last_seen = {}  # id -> (box, frames since it was seen)
+        self.next_id = 1
+
+    def ids(self, boxes):
+        """Boxes (x, y, w, h) of one frame -> their face ids, in the same order."""
+        pairs = sorted(((overlap(box, seen), i, face) for i, box in enumerate(boxes)
+                        for face, (seen, _) in self.last_seen.items()), reverse=True)
+        ids = [None] * len(boxes)
+        taken = set()
+        for score, i, face in pairs:
+            if score >= self.MIN_OVERLAP and ids[i] is None and face not in taken:
+                ids[i] = face
+                taken.add(face)
+        for i, face in enumerate(ids):
+            if face is None:
+                ids[i] = self.next_id
+                self.next_id += 1
+        self.remember(ids, boxes)
+        return ids
+
+    def remember(self, ids, boxes):
+        """Faces `ids` seen at `boxes` in the next frame (also how a resumed run replays its rows)."""
+        self.last_seen = {face: (box, missed + 1) for face, (box, missed) in self.last_seen.items()
+                          if missed + 1 < self.MISSED_FRAMES}
+        self.last_seen.update({face: (tuple(box), 0) for face, box in zip(ids, boxes)})
+        self.next_id = max([self.next_id, *(face + 1 for face in ids)])

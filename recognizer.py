@@ -6,6 +6,8 @@ of a face photo, a sentence or both, one pair at a time or many batched through 
     result = recognizer.predict(image="face.jpg", text="what a day")   # either input alone is fine
     result.label, result.probabilities, result.faces
     results = recognizer.predict_many([("a.jpg", "so happy"), ("b.png", None)], batch_size=64)
+    for frame in recognizer.predict_video("talk.mp4", subtitles="talk.srt", fps=5):  # or a camera: 0
+        frame.time, frame.index, frame.text, frame.faces   # faces with .id, .box, .label, .probabilities
 
 `image` is a path, a PIL image or a numpy uint8 array, gray (H, W) or RGB (H, W, 3). Every
 face found gets its own result, largest first; the answer is the largest face's, or the
@@ -34,7 +36,8 @@ import torch
 
 from models import CheckpointError, load_checkpoint
 from data import BLANK_PIXEL, encode_counted
-from images import as_photo, face_crops, to_gray
+from images import (FaceTracker, Video, as_photo, crop_square, detect_faces, face_crops, face_square, line_at,
+                    open_video, read_subtitles, to_gray, video_frames)
 from runtime import DataError, atomic_write, one_line, pick_device, read_log
 
 # how the notes, the default-checkpoint line and the explain figure name each --modality
@@ -156,6 +159,22 @@ class Prediction:
         return {"label": self.label, "probabilities": self.probabilities, "face": self.face,
                 "faces": [asdict(face) for face in self.faces], "inputs": self.inputs,
                 "truncated": self.truncated}
+
+
+@dataclass
+class VideoFace(Face):
+    """One face in a video frame: a Face and the id it keeps from frame to frame."""
+    id: int
+
+
+@dataclass
+class VideoFrame:
+    """One sampled frame of a video and what the model says of each face in it."""
+    time: float   # seconds from the start (a camera: from its first frame)
+    index: int    # the frame's index in the video
+    text: str | None  # the subtitle line shown at `time`, or None
+    faces: list   # [VideoFace], largest first; [] where no face was found
+    error: str = ""   # why this frame has no answer (an odd frame ends no video)
 
 
 def pair_parts(pair):
@@ -305,6 +324,57 @@ class EmotionRecognizer:
                 chunk = []
         if chunk:
             yield from self._predict_chunk(chunk, batch_size, errors, keep_inputs)
+
+    def predict_video(self, source, subtitles=None, fps=5, *, after=None, tracker=None, frames_per_batch=8):
+        """A video file, a camera index or an open images.Video -> VideoFrame after VideoFrame, one
+        every 1/fps seconds (after `after` seconds, for a resumed run), as they are read: a camera
+        streams. `subtitles` (an SRT or WebVTT path, or [images.Line]) gives each frame the line
+        shown at its time; a frame without a line is read from its faces alone. Each face keeps an
+        id across frames (`tracker`, an images.FaceTracker). The faces of `frames_per_batch` frames
+        go through the model together."""
+        if not all(model.uses_image for model, _, _ in self.members):
+            raise DataError("a video needs a checkpoint that reads faces: this one reads the text alone")
+        video = source if isinstance(source, Video) else open_video(source, fps)
+        lines = read_subtitles(subtitles) if isinstance(subtitles, (str, os.PathLike)) else subtitles or []
+        tracker = tracker or FaceTracker()
+        waiting = []
+        for at, index, frame in video_frames(video, after):
+            line = line_at(lines, at)
+            try:
+                gray = to_gray(frame)
+                boxes = detect_faces(gray)
+                squares = [face_square(box, gray.shape) for box in boxes]
+                crops = [crop_square(gray, square, self.image_size) for square in squares]
+            except Exception as err:
+                yield VideoFrame(at, index, line and line.text, [], f"the frame could not be read ({one_line(err)})")
+                continue
+            waiting.append((VideoFrame(at, index, line and line.text, []), boxes, squares, crops,
+                            tracker.ids(boxes)))
+            # a camera's frames one at a time: its rows are wanted as they happen
+            if len(waiting) == frames_per_batch or video.camera:
+                yield from self._predict_frames(waiting)
+                waiting = []
+        yield from self._predict_frames(waiting)
+
+    def _predict_frames(self, waiting):
+        """[(VideoFrame, boxes, squares, crops, ids)] -> the VideoFrames with their faces' answers."""
+        counts = [len(crops) for _, _, _, crops, _ in waiting]
+        probs = torch.empty(0, len(self.classes))
+        if sum(counts):
+            encoded = {}  # a subtitle line is shown in several frames: encode it once
+            for frame, *_ in waiting:
+                if frame.text not in encoded:
+                    encoded[frame.text] = encode_counted(self.tokenizer, [frame.text or ""], self.max_len)[:2]
+            texts = [encoded[frame.text] for frame, *_ in waiting]
+            input_ids = torch.cat([ids.expand(n, -1) for (ids, _), n in zip(texts, counts)])  # (F, L)
+            lengths = torch.cat([length.expand(n) for (_, length), n in zip(texts, counts)])  # (F,)
+            crops = np.stack([crop for _, _, _, crops, _ in waiting for crop in crops])  # (F, S, S)
+            probs = self.probabilities(torch.from_numpy(crops), input_ids, lengths)
+        for (frame, boxes, squares, _, ids), frame_probs in zip(waiting, probs.split(counts)):
+            frame.faces = [VideoFace(list(box), [x, y, side, side], self.classes[int(p.argmax())],
+                                     dict(zip(self.classes, p.tolist())), face)
+                           for box, (x, y, side), p, face in zip(boxes, squares, frame_probs, ids)]
+            yield frame
 
     def _predict_chunk(self, pairs, batch_size, errors, keep_inputs):
         prepared = []
@@ -524,46 +594,16 @@ def cannot_write(path, err):
     return DataError(f"cannot write {path}: {err.strerror or err}")
 
 
-class PredictionsFile:
-    """The predictions CSV of `pairs`, opened for appending. `todo` holds the pairs that have no
-    whole answer in it yet, and `dropped` counts the answers in it that match none of these
-    pairs as they are now (a photo, sentence or checkpoint changed since, or other inputs).
-    Those answers, and the rows of a pair that a stopped run cut short, are removed: the file
-    is rewritten atomically without them."""
+class CsvFile:
+    """A CSV that a run appends to, each group of rows in one write, flushed at once, so that a
+    stopped run keeps them: what the predictions file and the video timeline (demo.py) share."""
 
-    def __init__(self, path, classes, pairs, fingerprint):
+    def __init__(self, path, columns):
         self.path = Path(path)
-        self.columns = prediction_columns(classes)
-        self.classes = classes
-        self.keys = {pair: answer_key(pair, fingerprint) for pair in pairs}
-        self.todo = list(pairs)
-        self.dropped = 0
+        self.columns = columns
         self.file = None
 
-    def __enter__(self):
-        try:
-            text = decoded(self.path, cut=True) if self.path.exists() else ""
-            # no file, an empty one, or one whose header a stopped run cut short: begin it
-            if self._table([]).startswith(text):
-                self._rewrite([])
-            else:
-                self._resume(text)
-            self.file = open(self.path, "a", newline="", encoding="utf-8")
-        except OSError as err:
-            raise cannot_write(self.path, err) from None
-        return self
-
-    def __exit__(self, *exc):
-        # After a failed write, closing tries the rows still buffered once more. fsync, so that a
-        # power cut loses no row that the run reported as written.
-        try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        except OSError as err:
-            raise cannot_write(self.path, err) from None
-
-    def _table(self, rows, header=True):
+    def table(self, rows, header=True):
         """Rows (dicts) -> their CSV text, after the header where `header`."""
         out = io.StringIO()
         # "\r\n", the csv module's own line end: with it, a sentence holding a lone "\r" is quoted too
@@ -573,10 +613,65 @@ class PredictionsFile:
         writer.writerows(rows)
         return out.getvalue()
 
-    def _rewrite(self, rows):
+    def rewrite(self, rows):
         """Rewrite the file as the header and `rows`, whole or not at all."""
         with atomic_write(self.path) as tmp:
-            tmp.write_text(self._table(rows), encoding="utf-8", newline="")
+            tmp.write_text(self.table(rows), encoding="utf-8", newline="")
+
+    def open(self):
+        try:
+            self.file = open(self.path, "a", newline="", encoding="utf-8")
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
+
+    def write(self, rows):
+        """Rows written in one go and flushed: an interrupted run keeps them."""
+        try:
+            self.file.write(self.table(rows, header=False))
+            self.file.flush()
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
+
+    def close(self):
+        # After a failed write, closing tries the rows still buffered once more. fsync, so that a
+        # power cut loses no row that the run reported as written.
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
+
+
+class PredictionsFile(CsvFile):
+    """The predictions CSV of `pairs`, opened for appending. `todo` holds the pairs that have no
+    whole answer in it yet, and `dropped` counts the answers in it that match none of these
+    pairs as they are now (a photo, sentence or checkpoint changed since, or other inputs).
+    Those answers, and the rows of a pair that a stopped run cut short, are removed: the file
+    is rewritten atomically without them."""
+
+    def __init__(self, path, classes, pairs, fingerprint):
+        super().__init__(path, prediction_columns(classes))
+        self.classes = classes
+        self.keys = {pair: answer_key(pair, fingerprint) for pair in pairs}
+        self.todo = list(pairs)
+        self.dropped = 0
+
+    def __enter__(self):
+        try:
+            text = decoded(self.path, cut=True) if self.path.exists() else ""
+            # no file, an empty one, or one whose header a stopped run cut short: begin it
+            if self.table([]).startswith(text):
+                self.rewrite([])
+            else:
+                self._resume(text)
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _resume(self, text):
         """Read the text that an earlier run wrote: keep the whole answers to these pairs, and
@@ -600,12 +695,8 @@ class PredictionsFile:
         kept = [row for key, answer in answers.items() if key in done for row in answer]
         # the file's bytes, not the text's characters: a character cut short was dropped from the text
         if len(kept) < len(rows) - 1 or len(whole.encode("utf-8")) < self.path.stat().st_size:
-            self._rewrite(kept)
+            self.rewrite(kept)
 
     def append(self, pair, outcome):
         """The rows of one pair, written in one go and flushed: an interrupted run keeps them."""
-        try:
-            self.file.write(self._table(prediction_rows(pair, self.keys[pair], outcome, self.classes), header=False))
-            self.file.flush()
-        except OSError as err:
-            raise cannot_write(self.path, err) from None
+        self.write(prediction_rows(pair, self.keys[pair], outcome, self.classes))

@@ -168,9 +168,9 @@ def fits_on_device(tensors, device, margin=0.25):
 
 
 def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
-    """Iterate over `items` (a sized iterable) with a tqdm bar on a terminal. Elsewhere (`nohup make train > log`)
-    a bar would write a stream of carriage returns, so a plain line with done/total, rate and ETA appears
-    at most every `every` seconds."""
+    """Iterate over `items` with a tqdm bar on a terminal. Elsewhere (`nohup make train > log`) a bar
+    would write a stream of carriage returns, so a plain line with done/total, rate and ETA (done and
+    rate alone when `items` has no length, a camera's frames) appears at most every `every` seconds."""
     if not enabled:
         yield from items
         return
@@ -178,17 +178,20 @@ def progress(items, desc, *, unit="batches", enabled=True, every=30.0):
         from tqdm import tqdm
         yield from tqdm(items, desc=desc, unit=unit, leave=False)
         return
-    total = len(items)
+    total = len(items) if hasattr(items, "__len__") else None
     start = time.monotonic()
     last = start
     for done, item in enumerate(items, 1):
         yield item
         now = time.monotonic()
-        if now - last >= every and done < total:
+        if now - last >= every and done != total:
             rate = done / (now - start)
-            eta = (total - done) / rate
-            print(f"{desc}: {done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {eta // 60:.0f} min "
-                  f"{eta % 60:02.0f} s", flush=True)
+            if total is None:
+                print(f"{desc}: {done} {unit} | {rate:.1f} {unit}/s", flush=True)
+            else:
+                eta = (total - done) / rate
+                print(f"{desc}: {done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {eta // 60:.0f} min "
+                      f"{eta % 60:02.0f} s", flush=True)
             last = now
 
 
