@@ -17,17 +17,27 @@ process over all of them (its start-up included, and after it: the rate its last
 gives), separate `demo.py --image --text` processes (K of them timed: their mean is a
 process's time), and a Python loop of single `predict` calls on a recognizer loaded once;
 then --pairs's speed-up over the processes (whole processes both) and over the loop (after
-start-up both).
+start-up both);
+(e) the recognizer on a video (`predict_video`, with the checkpoint of (d) and a subtitle line
+every 2 seconds): sampled frames per second on a 1280x720, 25 fps video of --video-seconds
+with one synthetic face and with four, each face moving a few pixels per frame; it samples 5
+frames per second, as demo.py --video does, and still decodes the 4 frames between two samples.
+Then the mean number of faces found per frame (1 and 4 when the detector finds them all), and
+where a sampled frame of the one-face video spends its time: decoding, face detection, and the
+model (the crops and the subtitles' tokens included).
 Inputs are random tensors of the real shapes (75x75 faces, and sentences as long as the
 Emotions corpus's tweets: median 19 tokens, 90th percentile 39, at most 64): speed does not
 depend on what the pixels or tokens are, and the bench needs no data set. (d) reads
 synthetic faces (prep/synthetic.py), since face detection's time does depend on the photo:
 75 px crops as the data sets hold them, or with --photo-side S each face, enlarged to
-twice its size, in an S px frame; --api-model reads them at --api-input-size.
+twice its size, in an S px frame; --api-model reads them at --api-input-size. (e) draws the
+same faces into its videos, at 180 px.
 The trunk is random (no download): the same FLOPs as the pretrained one.
 
     python bench.py --photos 200 --processes 3 --api-model b --api-input-size 64 --json
+    python bench.py --video-seconds 10 --json   # (e) on 10 s videos (250 frames, 50 sampled)
 """
+import itertools
 import json
 import math
 import re
@@ -44,6 +54,7 @@ import torch
 from models import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from data import Batches, cached_features, encode_texts
 from metrics import evaluate
+from images import detect_faces, open_video, to_gray, video_frames
 from recognizer import EmotionRecognizer, predict
 from runtime import DataError, autocast, pick_device, positive_int, script_parser
 from prep.synthetic import face_image
@@ -172,7 +183,9 @@ def bench(args):
                         "--text", text[0], "--checkpoint", str(path), "--device", str(device)],
                        check=True, capture_output=True, cwd=ROOT)
         figures["demo_process_s"] = time.perf_counter() - t0
-        figures.update(bench_api(args, device, Path(tmp), tokenizer))
+        checkpoint = save_api_checkpoint(args, Path(tmp), tokenizer)
+        figures.update(bench_api(args, device, Path(tmp), checkpoint))
+        figures.update(bench_video(args.video_seconds, device, Path(tmp), checkpoint))
     return figures
 
 
@@ -210,6 +223,17 @@ def bench_grouping(model, split, features, batch_size, device, mixed_precision, 
     return figures
 
 
+def enlarged_face(seed, class_index, side):
+    """A synthetic face (75 px) enlarged to side x side, as a face in a photo or a video is larger."""
+    from PIL import Image
+    return np.array(Image.fromarray(face_image(seed, class_index)).resize((side, side), Image.Resampling.BILINEAR))
+
+
+def sentence(rng):
+    """8 to 32 words of the tiny tokenizer's vocabulary."""
+    return " ".join(f"word{w}" for w in rng.integers(0, 1000, rng.integers(8, 33)))
+
+
 def write_photos(folder, count, side, seed=0):
     """`count` synthetic faces as PNGs, each with a sentence of 8 to 32 words -> [(path, text)].
     side 0: the 75 px crop; else the face at 150 px in a side x side frame of its edge pixels."""
@@ -218,25 +242,31 @@ def write_photos(folder, count, side, seed=0):
     folder.mkdir()
     pairs = []
     for i in range(count):
-        face = face_image(seed + i, i % 7)
         if side:
-            face = np.array(Image.fromarray(face).resize((150, 150), Image.Resampling.BILINEAR))
+            face = enlarged_face(seed + i, i % 7, 150)
             top, left = rng.integers(0, side - 150, 2)
             face = np.pad(face, ((top, side - 150 - top), (left, side - 150 - left)), mode="edge")
+        else:
+            face = face_image(seed + i, i % 7)
         Image.fromarray(face).save(folder / f"{i:04d}.png")
-        words = " ".join(f"word{w}" for w in rng.integers(0, 1000, rng.integers(8, 33)))
-        pairs.append((folder / f"{i:04d}.png", words))
+        pairs.append((folder / f"{i:04d}.png", sentence(rng)))
     return pairs
 
 
-def bench_api(args, device, tmp, tokenizer):
-    """(d): pairs/s of demo.py --pairs, of one demo.py process a pair, and of single predict calls."""
+def save_api_checkpoint(args, tmp, tokenizer):
+    """The random-weight checkpoint that (d) and (e) load: --api-model at --api-input-size -> its path."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch=args.api_model, vocab_size=tokenizer.get_vocab_size(), pretrained=False,
                       input_size=args.api_input_size)
     path = tmp / "api.pt"
     save_checkpoint(path, build_model(cfg), tokenizer_json=tokenizer.to_str(),
                     classes=[f"class{i}" for i in range(cfg.num_classes)], image_size=75, metrics={})
+    return path
+
+
+def bench_api(args, device, tmp, path):
+    """(d): pairs/s of demo.py --pairs, of one demo.py process per pair, and of single predict calls,
+    with the checkpoint at `path`."""
     pairs = write_photos(tmp / "photos", args.photos, args.photo_side)
     listing = tmp / "pairs.csv"
     listing.write_text("image,text\n" + "".join(f"photos/{image.name},{text}\n" for image, text in pairs))
@@ -251,7 +281,7 @@ def bench_api(args, device, tmp, tokenizer):
                           check=True, capture_output=True, cwd=ROOT, text=True)
     figures["pairs_per_s_batch_process"] = args.photos / (time.perf_counter() - t0)
     figures["pairs_per_s_batch"] = float(re.search(r"([0-9.]+) pairs/s$", done.stdout.strip()).group(1))
-    # a process a photo: K of them, each a whole demo.py run
+    # one process per photo: K of them, each a whole demo.py run
     seconds = []
     for image, text in pairs[:args.processes]:
         t0 = time.perf_counter()
@@ -275,6 +305,92 @@ def bench_api(args, device, tmp, tokenizer):
     return figures
 
 
+# (e)'s videos: 1280x720 at 25 frames per second, sampled at predict_video's default of 5
+VIDEO_SIZE = (1280, 720)
+VIDEO_RATE = 25
+VIDEO_FPS = 5
+VIDEO_FACE = 180
+# the centres of one face, and of four in a 2 x 2 grid
+FACE_PLACES = {1: [(640, 360)], 4: [(320, 180), (960, 180), (320, 540), (960, 540)]}
+
+
+def write_video(path, seconds, faces, seed=0):
+    """An mp4v video of `seconds` with 1 or 4 synthetic faces of VIDEO_FACE px on a smooth random
+    backdrop, each swaying around its place by up to 40 px across and 20 down (at most 2 px per
+    frame, a full sway in 5 seconds)."""
+    import cv2  # deferred: start-up time of the parts that never write a video
+    rng = np.random.default_rng(seed)
+    width, height = VIDEO_SIZE
+    # a textured backdrop: the cascade rejects a flat one faster than it would a real scene
+    backdrop = cv2.resize(rng.integers(40, 200, (9, 16), dtype=np.uint8), VIDEO_SIZE, interpolation=cv2.INTER_CUBIC)
+    sprites = [enlarged_face(seed + i, i % 7, VIDEO_FACE) for i in range(faces)]
+    # mp4v, not MJPG: it codes most frames as changes to the one before, as real videos do
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_RATE, VIDEO_SIZE)
+    if not writer.isOpened():
+        raise DataError(f"OpenCV {cv2.__version__} cannot write an mp4v video here: run with --no-demo")
+    for index in range(seconds * VIDEO_RATE):
+        frame = backdrop.copy()
+        phase = 2 * math.pi * index / (5 * VIDEO_RATE)
+        for sprite, (x, y) in zip(sprites, FACE_PLACES[faces]):
+            left = round(x - VIDEO_FACE / 2 + 40 * math.sin(phase))
+            top = round(y - VIDEO_FACE / 2 + 20 * math.cos(phase))
+            frame[top:top + VIDEO_FACE, left:left + VIDEO_FACE] = sprite
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def write_subtitles(path, seconds, seed=0):
+    """An SRT file of `seconds` with a line of 8 to 32 words every 2 seconds."""
+    rng = np.random.default_rng(seed)
+    cues = []
+    for number, start in enumerate(range(0, seconds, 2), start=1):
+        times = [f"{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d},000" for t in (start, start + 2)]
+        cues.append(f"{number}\n{times[0]} --> {times[1]}\n{sentence(rng)}\n")
+    path.write_text("\n".join(cues))
+    return path
+
+
+def bench_video(seconds, device, tmp, checkpoint):
+    """(e): sampled frames/s of predict_video on a video with one face and on one with four, the
+    faces found per frame, and where the time of a one-face frame goes."""
+    recognizer = EmotionRecognizer.load(checkpoint, device)
+    subtitles = write_subtitles(tmp / "video.srt", seconds)
+    figures = {"video_seconds": seconds}
+    for faces, name in ((1, "1face"), (4, "4faces")):
+        video = write_video(tmp / f"{name}.mp4", seconds, faces)
+        # warm-up: the model's first calls on a batch shape are slow, so the first batch of frames runs once before
+        list(itertools.islice(recognizer.predict_video(video, subtitles, VIDEO_FPS), 8))
+        t0 = time.perf_counter()
+        frames = list(recognizer.predict_video(video, subtitles, VIDEO_FPS))
+        whole_s = time.perf_counter() - t0
+        figures[f"video_frames_per_s_{name}"] = len(frames) / whole_s
+        figures[f"faces_per_frame_{faces}"] = statistics.mean(len(frame.faces) for frame in frames)
+        if faces == 1:
+            figures.update(video_split(video, len(frames), whole_s))
+    return figures
+
+
+def video_split(video, sampled, whole_s):
+    """Milliseconds per sampled frame spent decoding, detecting faces and in the model, of a
+    predict_video run over `video` that took `whole_s` for its `sampled` frames.
+    The library is not touched: the same frames are read and searched for faces again, with
+    predict_video's own calls, and the model's share (the crops, the tokens and the forward) is
+    what the whole run took beyond that. Decoding is the time spent waiting on video_frames (its
+    grabs, retrieves and colour conversions, opening the file included); detection includes to_gray."""
+    decode_s = detect_s = 0.0
+    t0 = time.perf_counter()
+    for _, _, frame in video_frames(open_video(video, VIDEO_FPS)):
+        t1 = time.perf_counter()
+        decode_s += t1 - t0
+        detect_faces(to_gray(frame))
+        t0 = time.perf_counter()
+        detect_s += t0 - t1
+    # the grabs after the last sampled frame, up to the end of the file
+    decode_s += time.perf_counter() - t0
+    return {"video_decode_ms": 1000 * decode_s / sampled, "video_detect_ms": 1000 * detect_s / sampled,
+            "video_model_ms": 1000 * (whole_s - decode_s - detect_s) / sampled}
+
 def parse_args(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--samples", type=positive_int, default=512, help="training pairs in the timed epochs")
@@ -292,12 +408,14 @@ def parse_args(argv=None):
     p.add_argument("--api-input-size", type=positive_int, default=64,
                    help="(d): the trunk input of the recognizer's Model B (the README recipes train at 48 "
                         "and 64; the reference's 224 is compute-bound on a CPU at any batch size)")
+    p.add_argument("--video-seconds", type=positive_int, default=10,
+                   help="(e): the length of each test video (25 frames per second, 5 of them sampled)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision, as train.py: auto is bf16 where the GPU or CPU has it natively, "
                         "fp16 on older GPUs, off on other CPUs; bf16 or fp16 forces that type; off is fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--no-demo", action="store_true",
-                   help="(a) and (b) only: skip (c) and (d), which read no --amp (gpu_check.py's fp32 pass)")
+                   help="(a) and (b) only: skip (c), (d) and (e), which read no --amp (gpu_check.py's fp32 pass)")
     p.add_argument("--json", action="store_true",
                    help="end with one JSON object of every figure (cache_speedup among them)")
     return p.parse_args(argv)
