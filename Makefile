@@ -30,7 +30,7 @@ else
   TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py
 endif
 
-.PHONY: install ready data train eval demo bench gpu-check test test-fast quickstart fer fer-eval clean
+.PHONY: install ready data train eval demo bench gpu-check test test-fast quickstart fer fer-eval fer-goemotions clean
 
 # .venv: made once, and the requirements installed again whenever requirements.txt changes.
 # A .venv without a working pip (made where python3-venv was missing) is removed, not reused.
@@ -168,6 +168,30 @@ fer-eval: $(SETUP)
 	  $(FER_EVAL) --checkpoint $(foreach s,$(FER_SEEDS),$(FER_RUNS)/$${model}_fused_s$(s)/best.pt) --tta || exit; \
 	done
 	$(FER_EVAL) --checkpoint $(FER_RUNS)/b_fused_s0/best.pt --ablate
+
+# The same faces with GoEmotions' sentences (Ekman's seven classes, so Disgust and Neutral faces
+# get sentences of their own): a text-only and a fused Model A on the FER2013 trunk.
+# make fer-goemotions FER=path/to/fer2013 GOEMOTIONS=path/to/goemotions/train.tsv
+GO_DATA := data/fer-goemotions/processed
+GO_RUNS := checkpoints/fer-goemotions
+GO_TRAIN = $(PYTHON) train.py --data $(GO_DATA) --out $(GO_RUNS) --no-pretrained --input-size 64 --cosine --model a
+
+fer-goemotions: $(GO_RUNS)/a_fused/best.pt
+	rm -f results/fer-goemotions.csv
+	for run in a_text a_fused; do \
+	  $(PYTHON) evaluate.py --data $(GO_DATA) --results results/fer-goemotions.csv \
+	    --checkpoint $(GO_RUNS)/$$run/best.pt || exit; done
+
+$(GO_DATA)/meta.json: $(SETUP)
+	@test -n "$(FER)" -a -n "$(GOEMOTIONS)" || { echo 'error: give both data sets: make fer-goemotions FER=path/to/fer2013 GOEMOTIONS=path/to/train.tsv' >&2; exit 2; }
+	$(PYTHON) prepare_data.py --image-dir $(FER) --text-csv $(GOEMOTIONS) --image-size 48 --out $(GO_DATA)
+
+$(GO_RUNS)/a_text/best.pt: $(GO_DATA)/meta.json
+	$(GO_TRAIN) --run-name a_text --modality text --modality-dropout 0 --overwrite \
+	  --epochs 15 --lr 5e-4 --warmup 200 --label-smoothing 0.1 --batch-size 32 --embed-dropout 0.3
+
+$(GO_RUNS)/a_fused/best.pt: $(FER_RUNS)/a_image/best.pt $(GO_RUNS)/a_text/best.pt
+	$(GO_TRAIN) --run-name a_fused $(FER_FUSED) --overwrite --text-from $(GO_RUNS)/a_text/best.pt --epochs 5
 
 # Keeps data/raw: the Kaggle downloads are not generated here and are slow to fetch again.
 clean:

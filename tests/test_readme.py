@@ -14,6 +14,7 @@ import demo
 import evaluate
 import prepare_data
 import train
+from test_video import write_video
 from conftest import ROOT
 
 PARSERS = {"prepare_data.py": prepare_data.parse_args, "train.py": train.parse_args,
@@ -41,9 +42,9 @@ def readme_commands():
 
 def makefile_commands(*targets):
     """The `python SCRIPT.py ...` commands that `make -n -B TARGET` prints -> [(script, argv)]."""
-    printed = subprocess.run(["make", "--no-print-directory", "-n", "-B", *targets, "PYTHON=python",
-                              "FER=fer2013", "TEXTS=emotions.txt"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+    printed = subprocess.run(["make", "--no-print-directory", "-n", "-B", *targets, "PYTHON=python", "FER=fer2013",
+                              "TEXTS=emotions.txt", "GOEMOTIONS=train.tsv"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
     commands = []
     for line in printed.replace("\\\n", " ").splitlines():
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
@@ -62,7 +63,7 @@ def makefile_commands(*targets):
     return commands
 
 
-@pytest.mark.parametrize("script, argv", makefile_commands("fer", "quickstart"),
+@pytest.mark.parametrize("script, argv", makefile_commands("fer", "fer-goemotions", "quickstart"),
                          ids=lambda value: " ".join(value) if isinstance(value, list) else str(value))
 def test_each_makefile_recipe_command_parses(script, argv):
     PARSERS[script](argv)
@@ -112,6 +113,9 @@ def test_the_python_snippet_runs(runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").symlink_to(runs)
     (tmp_path / "tests").symlink_to(ROOT / "tests")
+    # the video it names: two seconds of two faces, and a line in the second half
+    write_video(tmp_path / "talk.mp4", seconds=2)
+    (tmp_path / "talk.srt").write_text("1\n00:00:01,000 --> 00:00:02,000\nso proud of you\n")
     printed = io.StringIO()
     scope = {}
     with contextlib.redirect_stdout(printed):
@@ -119,3 +123,5 @@ def test_the_python_snippet_runs(runs, tmp_path, monkeypatch):
     result, results = scope["result"], scope["results"]
     assert printed.getvalue().startswith(result.label) and len(result.faces) == 1
     assert [r.inputs for r in results] == [["image"], ["text"]]
+    frames = printed.getvalue().splitlines()[1:]
+    assert len(frames) == 10 and frames[-1].startswith("1.8 so proud of you [(1, '"), frames

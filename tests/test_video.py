@@ -45,7 +45,8 @@ def frames(seconds, faces, size=(360, 240)):
 
 
 def write_video(path, seconds=3, faces=((0, 3), (2, 5)), size=(360, 240)):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), RATE, size)
+    codec = "mp4v" if str(path).endswith(".mp4") else "MJPG"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), RATE, size)
     for frame in frames(seconds, faces, size):
         writer.write(frame)
     writer.release()
