@@ -60,6 +60,7 @@ def test_a_tiny_bench_runs_end_to_end(capsys):
         assert figures[key] > 0
 
 
+@pytest.mark.slow
 def test_the_video_part_finds_every_face(tmp_path):
     # (e) on 1 s videos (5 sampled frames each): a video whose faces the detector misses would
     # time the model on no faces at all
