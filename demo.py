@@ -182,6 +182,8 @@ def parse_args(argv=None):
                                            ("--annotate", args.annotate)) if value]
     if video_only and args.video is None:
         p.error(f"{video_only[0]} goes with --video")
+    if args.video is not None and args.no_detect:
+        p.error("--video finds the faces in each frame: leave out --no-detect")
     if not args.fps > 0:
         p.error(f"--fps must be above 0, not {args.fps:g}")
     if not modes and args.image is None and args.text is None:

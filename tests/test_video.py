@@ -245,9 +245,14 @@ def test_bad_video_input_is_one_line(runs, clip, tmp_path, capsys, monkeypatch):
         code, stdout, err = video(capsys, checkpoint, *argv, "--out", out)
         assert (code, stdout, err) == (2, "", [message])
         assert not out.exists()  # nothing half-written
+    for argv, message in ((["--fps", "0"], "--fps must be above 0"), (["--no-detect"], "leave out --no-detect"),
+                          (["--text", "hi"], "leave out --image and --text")):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--video", str(clip_video), *argv])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        demo.parse_args(["--video", str(clip_video), "--fps", "0"])
-    assert "--fps must be above 0" in capsys.readouterr().err
+        demo.parse_args(["--image", "a.png", "--subtitles", str(subtitles)])
+    assert "--subtitles goes with --video" in capsys.readouterr().err
     # warnings: subtitles past the end, --fps above the video's rate (every frame is sampled)
     code, _, err = video(capsys, checkpoint, clip_video, "--subtitles", tmp_path / "long.srt", "--fps", "50",
                          "--out", out)
