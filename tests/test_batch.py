@@ -335,6 +335,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_rows_written(runs, photos, tmp_pa
     same_rows(rows(out), rows(whole))
 
 
+@pytest.mark.slow
 def test_demo_with_an_ensemble(runs, tmp_path, capsys):
     paths = [runs / "model_a" / "best.pt", runs / "model_b" / "best.pt"]
     alone = [predict_json(path, PHOTO, "what a day", capsys)["probabilities"] for path in paths]

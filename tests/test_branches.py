@@ -76,6 +76,7 @@ def test_trunk_from_a_checkpoint_that_does_not_fit_is_one_line(problem, runs, pr
 
 
 @pytest.mark.parametrize("arch", ["a", "b"])
+@pytest.mark.slow
 def test_text_from_starts_the_text_branch_from_another_run(arch, runs, processed, cache, tmp_path, capsys):
     source = runs / f"model_{arch}" / "best.pt"
     donor, _, _ = load_checkpoint(source)

@@ -87,6 +87,7 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
         assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_command_line_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "demo.py", "--image", str(tmp_path / "none.png"),
                              "--text", "hi", "--checkpoint", str(tmp_path / "none.pt")],

@@ -350,6 +350,7 @@ def test_a_results_file_from_before_a_column_gains_it(tmp_path):
     assert path.read_text() == "Experiment_ID,ECE,Temperature\nold/best,0.1,\nnew/best,0.05,1.5\n"
 
 
+@pytest.mark.slow
 def test_amp_defaults_to_the_runs_own(runs, processed, tmp_path, monkeypatch):
     asked = []
     real_autocast = evaluate.autocast

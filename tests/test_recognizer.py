@@ -154,6 +154,7 @@ def test_the_fingerprint_is_the_checkpoints_bytes_and_face_detection(runs, loade
     assert ensemble not in (fingerprint, b.fingerprint())
 
 
+@pytest.mark.slow
 def test_an_ensemble_averages_its_members_calibrated_probabilities(runs, tmp_path):
     # a third member, hotter: its calibrated probabilities differ from its source's
     hot = resave(runs / "model_a" / "best.pt", tmp_path / "hot" / "best.pt", temperature=3.0)

@@ -164,6 +164,7 @@ def test_progress_lines_when_output_is_not_a_terminal(capsys):
     assert len(lines) == 4 and lines[0].startswith("epoch 1: 1/5 batches |") and "ETA" in lines[0]
 
 
+@pytest.mark.slow
 def test_single_modality_runs_train_one_branch(processed, tmp_path, capsys):
     common = ["--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
               "--epochs", "1", *TINY]
@@ -231,6 +232,7 @@ def test_resume_of_an_older_optimizer_layout_is_one_line(runs, tmp_path, capsys)
     assert read_log(tmp_path / "model_a" / "log.csv") == read_log(runs / "model_a" / "log.csv")
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_the_length_of_a_cosine_run_is_refused(processed, cache, tmp_path, capsys):
     common = ["--model", "a", "--data", str(processed), "--out", str(tmp_path), "--cache-dir", str(cache),
               "--cosine", *TINY]

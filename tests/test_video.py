@@ -145,6 +145,7 @@ def test_rows_follow_the_sampled_times_with_their_lines_and_ids(runs, clip, tmp_
     assert cv2.VideoCapture(str(tmp_path / "boxes.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 15
 
 
+@pytest.mark.slow
 def test_a_stopped_run_goes_on_without_a_duplicate_or_a_lost_frame(runs, clip, tmp_path, capsys):
     checkpoint = runs / "model_a" / "best.pt"
     clip_video, subtitles = clip
@@ -198,6 +199,7 @@ class StubCamera:
         pass
 
 
+@pytest.mark.slow
 def test_a_camera_streams_rows_until_it_stops_or_ctrl_c(runs, tmp_path, capsys, monkeypatch):
     checkpoint = runs / "model_b" / "best.pt"
     monkeypatch.setattr(cv2, "VideoCapture", StubCamera)
