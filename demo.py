@@ -55,7 +55,7 @@ from models import CheckpointError, check_compatible
 from data import load_meta, load_split, load_tokenizer
 from explain import pyplot, save_explanation, save_timeline
 from images import FaceTracker, as_photo, open_video, read_subtitles, video_frames
-from recognizer import (BLANKS, CsvFile, EmotionRecognizer, PredictionsFile, cannot_write, decoded,
+from recognizer import (BLANKS, BOX, CsvFile, EmotionRecognizer, PredictionsFile, cannot_write, decoded,
                         default_checkpoint, folder_pairs, read_pairs, whole_rows)
 from runtime import DataError, atomic_write, pick_device, positive_int, progress, script_parser
 
@@ -290,7 +290,7 @@ def predict_batch(args, recognizer, pairs):
 
 def timeline_columns(classes):
     """The timeline CSV's header: one row per sampled frame and face."""
-    return ["time", "frame", "faces", "face", "box_x", "box_y", "box_w", "box_h", "label", *classes,
+    return ["time", "frame", "faces", "face", *BOX, "label", *classes,
             "text", "error", "warning", "key"]
 
 
@@ -343,7 +343,7 @@ class TimelineFile(CsvFile):
                   "text": frame.text or "", "key": self.key}
         if not frame.faces:
             return [{**common, **({"error": frame.error} if frame.error else {"warning": "no face found"})}]
-        return [{**common, "face": face.id, **dict(zip(("box_x", "box_y", "box_w", "box_h"), face.box)),
+        return [{**common, "face": face.id, **dict(zip(BOX, face.box)),
                  "label": face.label, **{name: round(face.probabilities[name], 6) for name in self.classes}}
                 for face in frame.faces]
 
@@ -358,7 +358,7 @@ def read_timeline(path, classes):
     for values in rows[1:]:
         row = dict(zip(rows[0], values))
         if row.get("face"):
-            box = [int(row[k]) for k in ("box_x", "box_y", "box_w", "box_h")]
+            box = [int(row[k]) for k in BOX]
             faces.append((float(row["time"]), int(row["face"]), int(row["frame"]), box, row["label"],
                           np.array([float(row[name]) for name in classes])))
     return faces
@@ -427,7 +427,7 @@ def predict_timeline(args, recognizer, video, lines):
     tracker = FaceTracker()
     for rows in timeline.kept:
         tracker.remember([int(row["face"]) for row in rows if row["face"]],
-                         [[int(row[k]) for k in ("box_x", "box_y", "box_w", "box_h")] for row in rows if row["face"]])
+                         [[int(row[k]) for k in BOX] for row in rows if row["face"]])
     after = float(timeline.kept[-1][0]["time"]) if timeline.kept else None
     if after is not None:
         print(f"note: {args.out} holds {len(timeline.kept)} frame(s) already: going on after {after:.3f} s",

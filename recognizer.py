@@ -36,8 +36,7 @@ import torch
 
 from models import CheckpointError, load_checkpoint
 from data import BLANK_PIXEL, encode_counted
-from images import (FaceTracker, Video, as_photo, crop_square, detect_faces, face_crops, face_square, line_at,
-                    open_video, read_subtitles, to_gray, video_frames)
+from images import FaceTracker, Video, as_photo, face_crops, line_at, open_video, read_subtitles, to_gray, video_frames
 from runtime import DataError, atomic_write, one_line, pick_device, read_log
 
 # how the notes, the default-checkpoint line and the explain figure name each --modality
@@ -341,10 +340,9 @@ class EmotionRecognizer:
         for at, index, frame in video_frames(video, after):
             line = line_at(lines, at)
             try:
-                gray = to_gray(frame)
-                boxes = detect_faces(gray)
-                squares = [face_square(box, gray.shape) for box in boxes]
-                crops = [crop_square(gray, square, self.image_size) for square in squares]
+                boxes, squares, crops = face_crops(to_gray(frame), self.image_size)
+                # a frame without a face has no answer: drop face_crops' centre square
+                squares, crops = squares[:len(boxes)], crops[:len(boxes)]
             except Exception as err:
                 yield VideoFrame(at, index, line and line.text, [], f"the frame could not be read ({one_line(err)})")
                 continue
@@ -437,6 +435,7 @@ class EmotionRecognizer:
 # rows are there, and predicts that pair again.
 
 PAIRED = ("image", "text")
+BOX = ("box_x", "box_y", "box_w", "box_h")  # a face box's columns, in batch mode's and the video's CSVs
 LABELLED = ("image", "text", "label")
 
 
@@ -552,7 +551,7 @@ def whole_rows(text):
 
 def prediction_columns(classes):
     """The predictions CSV's header: one row per face; the last column is the answer's key."""
-    return ["line", "image", "text", "face", "faces", "box_x", "box_y", "box_w", "box_h", "label",
+    return ["line", "image", "text", "face", "faces", *BOX, "label",
             *classes, "inputs", "truncated", "error", "warning", "key"]
 
 
@@ -576,7 +575,7 @@ def prediction_rows(pair, key, outcome, classes):
         box = face.box if face else ["", "", "", ""]
         answer = face or outcome
         rows.append({**common, "face": number if face else "", "faces": len(outcome.faces),
-                     **dict(zip(("box_x", "box_y", "box_w", "box_h"), box)), "label": answer.label,
+                     **dict(zip(BOX, box)), "label": answer.label,
                      **{name: round(answer.probabilities[name], 6) for name in classes},
                      "inputs": "+".join(outcome.inputs), "truncated": outcome.truncated,
                      "warning": named("; ".join(outcome.warnings))})
